@@ -1,0 +1,17 @@
+"""slm: OPT written from scratch, fine-tuned on ToolBench tool calls, evaluated offline.
+
+    import slm
+    model = slm.load_model("facebook/opt-350m", dtype=torch.bfloat16, device="cuda", attn="triton")
+    tok = slm.load_tokenizer("path/to/opt-350m")
+    new_tokens = slm.generate(model, [tok.encode("Hello")], max_new_tokens=20)
+"""
+
+from .config import OPTConfig
+from .model import OPT, KVCache
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .weights import CheckpointError, load_model, save_model
+
+__all__ = [
+    "OPTConfig", "OPT", "KVCache", "Tokenizer", "load_tokenizer", "train_tokenizer",
+    "CheckpointError", "load_model", "save_model",
+]

@@ -1,0 +1,312 @@
+"""OPT, the decoder-only transformer of Zhang et al. 2022, written from scratch to compute exactly what
+Hugging Face's `OPTForCausalLM` computes.
+
+    model = OPT(OPTConfig.preset("opt-350m"), attn="sdpa")
+    logits = model(input_ids, attention_mask)                  # (B, T) -> (B, T, vocab)
+    logits = model(input_ids, cu_seqlens=cu, max_seqlen=m)     # packed sequences (training)
+    logits = model(new_ids, attention_mask=mask, cache=cache)  # decoding with a KV cache
+
+The OPT quirks (see docs/OPT.md): learned positions offset by 2 and computed from the attention mask
+(so left padding gives the first real token position 0); queries scaled after their bias; post-LN for
+opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m; the LM head tied
+to the token embedding. Attention is one of three interchangeable implementations, chosen by `attn`:
+"eager" (plain torch, the reference), "sdpa" (torch's fused kernels) and "triton" (ours, `kernels/`).
+
+Module names are ours; `slm/weights.py` maps them to Hugging Face's key names in both directions.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import OPTConfig
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "triton")
+POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
+
+
+# ---------------------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, H, max_len, head_dim) each.
+
+    `length` is the number of positions already written; a forward with a cache appends its new
+    tokens there and advances it. `mask` is the attention mask of everything written so far.
+    """
+
+    def __init__(self, config: OPTConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, H, T_new, D) for `layer`; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ------------------------------------------------------------------------------- attention masks
+
+@dataclass
+class AttentionLayout:
+    """How the tokens of one forward may attend, computed once and shared by every layer.
+
+    Exactly one description applies: `causal_only` (every row is one whole sequence), `varlen`
+    (sequences given by `cu_seqlens` over the real tokens `token_index` of the flattened batch, as the
+    Triton kernel wants them) or `allowed` (a boolean (B, 1, T_q, T_k) mask, what eager and sdpa use).
+    """
+    causal_only: bool = False
+    allowed: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    token_index: torch.Tensor | None = None  # flat indices of real tokens; None when all are real
+
+
+def _padded_allowed(attention_mask: torch.Tensor, past: int, t_new: int) -> torch.Tensor:
+    """Causal AND key-is-real, for new queries at positions past..past+T-1 of a (B, S) mask.
+
+    Each query may also see itself: a pad query (left padding) then has one visible key instead of
+    none, which keeps its softmax finite. Real queries are unaffected (they always see themselves),
+    and nothing real ever attends to a pad, so the pad rows' values never leak.
+    """
+    s = attention_mask.shape[1]
+    q_pos = torch.arange(past, past + t_new, device=attention_mask.device)[:, None]
+    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
+    causal = k_pos <= q_pos                                   # (T, S)
+    key_real = attention_mask.bool()[:, None, None, :]        # (B, 1, 1, S)
+    return causal & (key_real | (k_pos == q_pos))             # (B, 1, T, S)
+
+
+def _packed_allowed(segment: torch.Tensor) -> torch.Tensor:
+    """Causal AND same-sequence for packed rows; segment (B, T) holds each token's sequence number."""
+    t = segment.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment.device).tril()
+    same = segment[:, :, None] == segment[:, None, :]          # (B, T, T)
+    return (causal & same)[:, None]                            # (B, 1, T, T)
+
+
+def _segments(cu_seqlens: torch.Tensor, batch: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence number and position within its sequence of every token of a packed (B, T) batch."""
+    flat = torch.arange(batch * t, device=cu_seqlens.device)
+    cu = cu_seqlens.to(torch.long)
+    segment = torch.searchsorted(cu[1:], flat, right=True)    # (B*T,) index of each token's sequence
+    position = flat - cu[segment]
+    return segment.view(batch, t), position.view(batch, t)
+
+
+# ------------------------------------------------------------------------------------ the blocks
+
+class Attention(nn.Module):
+    """Multi-head self-attention; the kernel that mixes q, k, v is picked by `attn` at call time."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        d, bias = config.hidden_size, config.enable_bias
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.dropout = config.attention_dropout
+        self.q = nn.Linear(d, d, bias=bias)
+        self.k = nn.Linear(d, d, bias=bias)
+        self.v = nn.Linear(d, d, bias=bias)
+        self.o = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x, layout: AttentionLayout, attn: str, cache: KVCache | None, layer: int):
+        B, T, d = x.shape
+        # OPT scales q after its bias (HF does the same); equal to scaling the scores, kept for parity.
+        q = self.q(x) * self.scale
+        k, v = self.k(x), self.v(x)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            k_all, v_all = cache.write(layer, k, v)            # (B, H, past+T, D)
+            if cache.length > 0:
+                k, v = k_all, v_all                           # decoding: attend to the cache too
+        dropout = self.dropout if self.training else 0.0
+
+        if attn == "triton" and layout.allowed is None:
+            y = _triton_attention(q, k, v, layout)
+        elif attn == "eager":
+            y = _eager_attention(q, k, v, layout, dropout)
+        else:  # sdpa, and triton's decode steps (a masked query against the cache: sdpa serves it)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=layout.allowed, dropout_p=dropout,
+                is_causal=layout.causal_only, scale=1.0,   # q is already scaled
+            )
+        y = y.transpose(1, 2).reshape(B, T, d)                 # (B, T, H*D)
+        return self.o(y)
+
+
+def _eager_attention(q, k, v, layout: AttentionLayout, dropout: float):
+    """softmax(q kᵀ + mask) v in plain torch, softmax in fp32 as Hugging Face's eager path does."""
+    scores = q @ k.transpose(-1, -2)                           # (B, H, T_q, T_k)
+    allowed = layout.allowed
+    if allowed is None:                                        # causal_only
+        t_q, t_k = scores.shape[-2:]
+        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return probs @ v
+
+
+def _triton_attention(q, k, v, layout: AttentionLayout):
+    """Our fused kernel: dense when every row is one sequence, else varlen over the real tokens."""
+    from kernels import flash_attention, flash_attention_varlen  # optional dependency: import on use
+
+    if layout.causal_only:
+        return flash_attention(q, k, v, causal=True, sm_scale=1.0)
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]  # (B*T, H, D)
+    if layout.token_index is not None:
+        flat = [t[layout.token_index] for t in flat]                    # (real tokens, H, D)
+    y = flash_attention_varlen(*flat, layout.cu_seqlens, layout.max_seqlen, causal=True, sm_scale=1.0)
+    if layout.token_index is not None:                                  # pads get zeros
+        y = torch.zeros(B * T, H, D, dtype=y.dtype, device=y.device).index_copy(0, layout.token_index, y)
+    return y.view(B, T, H, D).transpose(1, 2)
+
+
+class DecoderLayer(nn.Module):
+    """Attention then a ReLU MLP, each in a residual branch; LayerNorm before (pre-LN) or after (post-LN)."""
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        affine = config.layer_norm_elementwise_affine
+        self.pre_ln = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.attn = Attention(config)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
+
+    def forward(self, x, layout, attn, cache, layer):
+        h = self.attn_norm(x) if self.pre_ln else x
+        h = self.attn(h, layout, attn, cache, layer)
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.attn_norm(x)
+        h = self.ffn_norm(x) if self.pre_ln else x
+        h = self.fc2(F.relu(self.fc1(h)))
+        x = x + F.dropout(h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.ffn_norm(x)
+        return x
+
+
+# ------------------------------------------------------------------------------------- the model
+
+class OPT(nn.Module):
+    """OPT with its tied language-model head."""
+
+    def __init__(self, config: OPTConfig, attn: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.set_attn(attn)
+        e, d = config.word_embed_proj_dim, config.hidden_size
+        self.tok_embed = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        self.pos_embed = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_norm = (nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine)
+                           if config.has_final_layer_norm else None)
+        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+
+    def set_attn(self, attn: str) -> None:
+        if attn not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn={attn!r}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        self.attn = attn
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.tok_embed.weight  # tied: (vocab, word_embed_proj_dim)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+            self.tok_embed.weight[self.config.pad_token_id].zero_()
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        weight = self.tok_embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype or weight.dtype, device or weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,                     # (B, T) token ids
+        attention_mask: torch.Tensor | None = None,  # (B, past+T), 1 = real token
+        *,
+        position_ids: torch.Tensor | None = None,    # (B, T) positions, overriding the mask's
+        cu_seqlens: torch.Tensor | None = None,      # (N+1,) int32 boundaries of packed sequences
+        max_seqlen: int | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used, {T} more asked")
+        if cu_seqlens is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("packed sequences (cu_seqlens) take no attention_mask and no cache")
+            segment, positions = _segments(cu_seqlens, B, T)
+            layout = AttentionLayout(cu_seqlens=cu_seqlens.to(torch.int32),
+                                     max_seqlen=max_seqlen or T)
+            if self.attn != "triton":
+                layout.allowed = _packed_allowed(segment)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(B, past + T)} (past {past} + new {T})")
+            # OPT's positions: count real tokens so far, so pads never shift a sequence (pads get -1).
+            mask = attention_mask.long()
+            positions = (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
+            layout = self._padded_layout(mask, past, T)
+        if position_ids is not None:
+            positions = position_ids
+
+        x = self.tok_embed(input_ids)                                    # (B, T, e)
+        if self.project_in is not None:
+            x = self.project_in(x)                                       # (B, T, d)
+        x = x + self.pos_embed(positions + POSITION_OFFSET)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layout, self.attn, cache, i)
+        if cache is not None:
+            cache.length += T
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)                                      # (B, T, e)
+        if return_hidden:
+            return x
+        return x @ self.lm_head_weight.T                                 # (B, T, vocab)
+
+    def _padded_layout(self, mask: torch.Tensor, past: int, t: int) -> AttentionLayout:
+        if bool(mask.all()) and past == 0:
+            return AttentionLayout(causal_only=True)
+        if self.attn == "triton" and past == 0:
+            # Our kernel has no mask argument: hand it the real tokens as variable-length sequences.
+            lengths = mask.sum(dim=1, dtype=torch.int32)
+            cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+            token_index = mask.flatten().nonzero().squeeze(1)
+            return AttentionLayout(cu_seqlens=cu, max_seqlen=int(lengths.max()), token_index=token_index)
+        return AttentionLayout(allowed=_padded_allowed(mask, past, t))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
