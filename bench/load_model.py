@@ -1,0 +1,61 @@
+"""Load time and peak memory of `slm.load_model` on an opt-350m-shaped checkpoint in the hub's layout.
+
+    python bench/load_model.py [--dtype float32] [--dir /tmp/opt350m-random]
+
+Writes a random checkpoint shaped like facebook/opt-350m's hub file (fp16, `decoder.*` keys, no
+lm_head) unless one exists, then loads it in a fresh process and prints wall time and peak RSS. The
+floor for comparison is the size of the weights in the requested dtype: meta-device construction
+means the model is never materialised twice.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import slm  # noqa: E402
+from slm.weights import hf_key  # noqa: E402
+
+
+def write_checkpoint(directory: Path) -> None:
+    config = slm.OPTConfig.preset("opt-350m")
+    model = slm.OPT(config)
+    model.init_weights(seed=0)
+    state = {hf_key(k).removeprefix("model."): v.half().contiguous() for k, v in model.state_dict().items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
+
+
+def measure(directory: str, dtype: str) -> None:
+    start = time.perf_counter()
+    model = slm.load_model(directory, dtype=getattr(torch, dtype))
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"load_s": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2),
+                      "weights_gb": round(weights / 1e9, 2), "params": model.num_parameters(), "dtype": dtype}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/tmp/opt350m-random", help="checkpoint directory (created if absent)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        measure(args.dir, args.dtype)
+    else:
+        if not (Path(args.dir) / "model.safetensors").is_file():
+            write_checkpoint(Path(args.dir))
+        baseline = subprocess.run([sys.executable, "-c", "import resource, torch, slm; print(resource.getrusage("
+                                   "resource.RUSAGE_SELF).ru_maxrss * 1024)"], capture_output=True, text=True)
+        print(f"interpreter + torch + slm imported: peak RSS {int(baseline.stdout) / 1e9:.2f} GB")
+        subprocess.run([sys.executable, __file__, "--child", "--dir", args.dir, "--dtype", args.dtype], check=True)
