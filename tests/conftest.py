@@ -9,6 +9,9 @@ import torch
 # Kernel tests run through Triton's interpreter on CPU; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kernels import interpreter_fix  # Triton 3.6's interpreter vs numpy >= 2.4; see that module
+
+    interpreter_fix.apply()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

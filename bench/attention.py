@@ -1,0 +1,365 @@
+"""Benchmark of kernels/flash_attention.py against torch SDPA (flash and cuDNN backends), on a GPU.
+
+    PYTHONPATH=. python bench/attention.py [--out bench_attention.json]
+    PYTHONPATH=. python bench/attention.py --check-only     # correctness only; on CPU via Triton's interpreter
+    PYTHONPATH=. python bench/attention.py --compile-only 90  # build every kernel for sm_90, no GPU needed
+
+Checks correctness first (our kernels vs the fp32 reference, forward and gradients, several dtypes and
+head dims, dense and packed) and stops if a check fails. Then times, with triton.testing.do_bench
+(median), OPT-350M attention shapes: H=16, D=64, causal, bf16, 16k tokens per batch, T in {512, 1024,
+2048}; and packed sequences of a realistic length mix against the same sequences padded to the longest
+(the cost a padded batch pays) and against equal lengths run dense. Prints a table and writes JSON with
+the device name, commit and versions next to every figure.
+
+FLOPs (in `attention_flops`): forward 4 * B * H * T^2 * D (two matmuls of 2*T*T*D per head), halved when
+causal; backward 2.5x the forward (five matmuls to the forward's two); fwd+bwd 3.5x. Packed batches count
+the real FLOPs, sum over sequences of 4 * H * L^2 * D (halved when causal); padding earns nothing.
+--compile-only compiles each kernel variant (dtype x head dim x causal) to a cubin for the given
+architecture with Triton's own compiler and ptxas, and prints its shared memory: it catches the errors
+the CPU interpreter cannot see (types, layouts, shared memory over the limit) on a machine without a GPU.
+
+Each input tensor of the timed shapes is 32 MiB, larger than the H100's 50 MB L2 taken three at a time,
+so inputs are not rotated.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# --check-only on a machine without CUDA runs the kernels through Triton's interpreter, which must be
+# chosen before triton is first imported (kernels imports it).
+CPU_CHECK = "--check-only" in sys.argv and not torch.cuda.is_available()
+if CPU_CHECK:
+    os.environ["TRITON_INTERPRET"] = "1"
+elif "--check-only" not in sys.argv and os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("bench/attention.py: timing and --compile-only need the real compiler; unset TRITON_INTERPRET")
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import (  # noqa: E402
+    attention_reference,
+    attention_varlen_reference,
+    flash_attention,
+    flash_attention_varlen,
+    interpreter_fix,
+)
+# The module itself (kernels and launch_config); `kernels.flash_attention` is the function.
+fa = importlib.import_module("kernels.flash_attention")
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS_PER_BATCH = 16 * 1024
+HEADS, HEAD_DIM = 16, 64  # OPT-350M: hidden 1024 = 16 heads x 64
+
+# (dtype, atol, rtol) for the pre-benchmark check against the fp32 reference on a GPU: fp32 inputs run
+# their dots as tf32 (10 mantissa bits), and on a GPU half precision also rounds P and dS to 16 bits
+# before their dots (the interpreter keeps bf16 dots in fp32), so all are looser than the CPU tests'.
+GPU_TOLERANCES = {torch.float32: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs of attention over sequences of the given lengths: 4 * H * L^2 * D each, halved if causal."""
+    flops = sum(4 * heads * length * length * head_dim for length in lengths)
+    return flops / 2 if causal else flops
+
+
+def git_commit() -> str:
+    try:
+        git = dict(capture_output=True, text=True, check=True, cwd=REPO)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], **git).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------------
+
+
+def compare(kernel_fn, reference_fn, inputs) -> dict:
+    """{name: (max |kernel - fp32 reference|, within tolerance)} for the output and each gradient,
+    under one shared upstream gradient."""
+    atol, rtol = GPU_TOLERANCES[inputs[0].dtype]
+    q, k, v = (x.clone().requires_grad_() for x in inputs)
+    out = kernel_fn(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in inputs)
+    ref = reference_fn(q32, k32, v32)
+    ref.backward(grad_out.float())
+    pairs = {"out": (out, ref), "dq": (q.grad, q32.grad), "dk": (k.grad, k32.grad), "dv": (v.grad, v32.grad)}
+    result = {}
+    for name, (actual, expected) in pairs.items():
+        diff = (actual.float() - expected).abs()
+        result[name] = (diff.max().item(), bool((diff <= atol + rtol * expected.abs()).all()))
+    return result
+
+
+def check_correctness(device: str) -> list[dict]:
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    head_dims = [64] if CPU_CHECK else [64, 80, 128]
+    seq_len = 37 if CPU_CHECK else 300
+    lengths = [5, 1, 70, 33] if CPU_CHECK else [300, 1, 1000, 77, 513]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    results = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            for causal in (True, False):
+                torch.manual_seed(0)
+                dense = [torch.randn(2, 3, seq_len, head_dim, dtype=dtype, device=device) for _ in range(3)]
+                packed = [torch.randn(sum(lengths), 3, head_dim, dtype=dtype, device=device) for _ in range(3)]
+                cases = {
+                    "dense": compare(lambda q, k, v: flash_attention(q, k, v, causal=causal),
+                                     lambda q, k, v: attention_reference(q, k, v, causal=causal), dense),
+                    "varlen": compare(
+                        lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=causal),
+                        lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, max(lengths), causal=causal),
+                        packed),
+                }
+                for layout, errors in cases.items():
+                    row = dict(layout=layout, dtype=str(dtype).replace("torch.", ""), head_dim=head_dim,
+                               causal=causal, ok=all(ok for _, ok in errors.values()),
+                               **{name: err for name, (err, _) in errors.items()})
+                    results.append(row)
+                    print(f"check {layout:6s} {row['dtype']:8s} D={head_dim:3d} causal={causal!s:5s} "
+                          f"max err out {row['out']:.2e} dq {row['dq']:.2e} dk {row['dk']:.2e} dv {row['dv']:.2e} "
+                          f"{'ok' if row['ok'] else 'FAIL'}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU)
+# ---------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}  # others: the input dtype
+
+
+def kernel_variants(dtype, head_dim: int, causal: bool):
+    """(kernel, constexprs, options) for each launch `_forward` / `_backward` would make."""
+    cfg = fa.launch_config(head_dim, dtype)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"])
+    attention = dict(common, CAUSAL=causal, DOT_DTYPE=fa._TL_DTYPES[dtype])
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    yield fa._fwd_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), options
+    yield fa._bwd_preprocess_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"]), dict(num_warps=cfg["num_warps"])
+    yield fa._bwd_dkdv_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"]), options
+    yield fa._bwd_dq_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"]), options
+
+
+def compile_all(arch: int, dtypes: list[str], head_dims: list[int]) -> list[dict]:
+    """Compile every kernel variant to a cubin for sm_<arch> through Triton's compiler and ptxas."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    for dtype_name in dtypes:
+        element = str(fa._TL_DTYPES[DTYPES[dtype_name]])  # "fp32", "fp16", "bf16"
+        for head_dim in head_dims:
+            for causal in (True, False):
+                for kernel, constexprs, options in kernel_variants(DTYPES[dtype_name], head_dim, causal):
+                    signature = {}
+                    for param in kernel.params:
+                        if param.is_constexpr:
+                            signature[param.name] = "constexpr"
+                        elif param.name.isupper():  # pointers are the upper-case arguments
+                            signature[param.name] = POINTER_TYPES.get(param.name, "*" + element)
+                        else:
+                            signature[param.name] = "fp32" if param.name.endswith("scale") else "i32"
+                    source = ASTSource(fn=kernel, signature=signature,
+                                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+                    row = dict(kernel=kernel.__name__, dtype=dtype_name, head_dim=head_dim, causal=causal, ok=True)
+                    try:
+                        row["shared_bytes"] = triton.compile(source, target=target, options=options).metadata.shared
+                    except Exception as error:  # report every failing variant, not just the first
+                        row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:2000]}")
+                    results.append(row)
+                    detail = f"shared {row['shared_bytes']} B" if row["ok"] else row["error"]
+                    print(f"compile sm_{arch} {row['kernel']:24s} {dtype_name:8s} D={head_dim:3d} "
+                          f"causal={causal!s:5s} {'ok' if row['ok'] else 'FAIL'} {detail}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+
+def sdpa_fn(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def attend(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attend
+
+
+def time_fwd_bwd(attend, inputs) -> dict:
+    """Median ms of forward, backward (from a saved graph) and both, via triton.testing.do_bench."""
+    q, k, v = (x.detach().requires_grad_() for x in inputs)
+    fwd = triton.testing.do_bench(lambda: attend(q, k, v))
+    out = attend(q, k, v)
+    grad_out = torch.randn_like(out)
+    bwd = triton.testing.do_bench(lambda: out.backward(grad_out, retain_graph=True), grad_to_none=[q, k, v])
+    both = triton.testing.do_bench(lambda: attend(q, k, v).backward(grad_out), grad_to_none=[q, k, v])
+    return dict(fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both)
+
+
+def with_tflops(row: dict, fwd_flops: float) -> dict:
+    row["fwd_tflops"] = fwd_flops / row["fwd_ms"] * 1e-9
+    row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] * 1e-9
+    row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] * 1e-9
+    return row
+
+
+def sdpa_backends() -> dict:
+    from torch.nn.attention import SDPBackend
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        backends["sdpa-cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return backends
+
+
+def bench_dense(dtype, device="cuda", tokens=TOKENS_PER_BATCH, seq_lens=(512, 1024, 2048)) -> list[dict]:
+    rows = []
+    for seq_len in seq_lens:
+        batch = tokens // seq_len
+        inputs = [torch.randn(batch, HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+        flops = attention_flops([seq_len] * batch, HEADS, HEAD_DIM, causal=True)
+        impls = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True)}
+        impls.update({name: sdpa_fn(backend) for name, backend in sdpa_backends().items()})
+        for name, attend in impls.items():
+            row = dict(case=f"dense B={batch} T={seq_len}", impl=name)
+            try:
+                row.update(time_fwd_bwd(attend, inputs))
+            except RuntimeError as error:  # a backend this GPU / build lacks: record it, keep going
+                row["error"] = str(error).splitlines()[0]
+                rows.append(row)
+                continue
+            rows.append(with_tflops(row, flops))
+    return rows
+
+
+def realistic_lengths(total: int, max_len: int, seed: int = 0) -> list[int]:
+    """Sequence lengths drawn log-normally (median ~600 tokens, clipped to [16, max_len]) until `total`
+    tokens are reached: the shape of SFT conversations packed into 2048-token rows."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        length = int(torch.empty(1).log_normal_(mean=6.4, std=0.8, generator=gen).clamp(16, max_len))
+        lengths.append(min(length, total - sum(lengths)))
+    return lengths
+
+
+def bench_varlen(dtype, device="cuda", tokens=TOKENS_PER_BATCH, row_len=2048) -> list[dict]:
+    rows = []
+    lengths = realistic_lengths(tokens, row_len)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    flops = attention_flops(lengths, HEADS, HEAD_DIM, causal=True)
+    mix = f"{len(lengths)} seqs, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}"
+
+    packed = [torch.randn(tokens, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+    row = dict(case=f"packed mix ({mix})", impl="triton varlen")
+    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths)), packed))
+    rows.append(with_tflops(row, flops))
+
+    # The same sequences as a padded batch: every one padded to the longest, FLOPs counted on real tokens.
+    padded = [torch.randn(len(lengths), HEADS, max(lengths), HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+    impls = {"triton dense": lambda q, k, v: flash_attention(q, k, v, causal=True),
+             "sdpa-flash": sdpa_fn(sdpa_backends()["sdpa-flash"])}
+    for name, attend in impls.items():
+        row = dict(case=f"padded to {max(lengths)} (same mix)", impl=name)
+        row.update(time_fwd_bwd(attend, padded))
+        rows.append(with_tflops(row, flops))
+
+    # Equal real tokens, equal lengths: varlen over 8 x 2048 against the dense kernel's T=2048 row.
+    seq_len = row_len
+    batch = tokens // seq_len
+    even_cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
+    flops = attention_flops([seq_len] * batch, HEADS, HEAD_DIM, causal=True)
+    row = dict(case=f"packed {batch} x {seq_len}", impl="triton varlen")
+    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, even_cu, seq_len), packed))
+    rows.append(with_tflops(row, flops))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'case':44s} {'impl':14s} {'fwd ms':>8s} {'bwd ms':>8s} {'f+b ms':>8s} {'fwd TF/s':>9s} " \
+             f"{'bwd TF/s':>9s} {'f+b TF/s':>9s}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['case']:44s} {row['impl']:14s} unavailable: {row['error'][:60]}")
+            continue
+        print(f"{row['case']:44s} {row['impl']:14s} {row['fwd_ms']:8.3f} {row['bwd_ms']:8.3f} "
+              f"{row['fwd_bwd_ms']:8.3f} {row['fwd_tflops']:9.1f} {row['bwd_tflops']:9.1f} "
+              f"{row['fwd_bwd_tflops']:9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_attention.json", help="where to write the JSON results")
+    parser.add_argument("--check-only", action="store_true",
+                        help="run the correctness check and stop (on CPU through Triton's interpreter)")
+    parser.add_argument("--compile-only", type=int, metavar="SM", default=None,
+                        help="compile every kernel variant for this compute capability (90 = H100) and stop")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES),
+                        help="dtypes for --compile-only (default: all)")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 80, 128],
+                        help="head dims for --compile-only (default: 64 80 128)")
+    args = parser.parse_args()
+
+    if args.compile_only is not None:
+        results = compile_all(args.compile_only, args.dtypes, args.head_dims)
+        failed = [row for row in results if not row["ok"]]
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=dict(target=f"sm_{args.compile_only}", commit=git_commit(),
+                                     triton=triton.__version__), compiled=results), f, indent=2)
+        if failed:
+            sys.exit(f"bench/attention.py: {len(failed)} of {len(results)} kernel variants failed to compile")
+        print(f"all {len(results)} kernel variants compiled for sm_{args.compile_only}; wrote {args.out}")
+        return
+
+    if CPU_CHECK:
+        interpreter_fix.apply()  # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
+    elif not torch.cuda.is_available():
+        sys.exit("bench/attention.py: timing needs a CUDA GPU; use --check-only on CPU")
+    device = "cpu" if CPU_CHECK else "cuda"
+    device_name = "cpu (Triton interpreter)" if CPU_CHECK else torch.cuda.get_device_name()
+    meta = dict(device=device_name, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
+                command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(f"device {meta['device']} | commit {meta['commit']} | torch {meta['torch']} | triton {meta['triton']}")
+
+    checks = check_correctness(device)
+    result = dict(meta=meta, checks=checks, rows=[])
+    failed = [row for row in checks if not row["ok"]]
+    if failed or args.check_only:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        if failed:
+            sys.exit(f"bench/attention.py: {len(failed)} correctness checks failed; no timings taken")
+        print(f"all {len(checks)} checks passed; wrote {args.out}")
+        return
+
+    rows = bench_dense(torch.bfloat16) + bench_varlen(torch.bfloat16)
+    result["rows"] = rows
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print()
+    print_table(rows)
+    print(f"\n{meta['device']} | commit {meta['commit']} | wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
