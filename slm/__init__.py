@@ -7,11 +7,12 @@
 """
 
 from .config import OPTConfig
+from .generate import generate
 from .model import OPT, KVCache
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .weights import CheckpointError, load_model, save_model
 
 __all__ = [
     "OPTConfig", "OPT", "KVCache", "Tokenizer", "load_tokenizer", "train_tokenizer",
-    "CheckpointError", "load_model", "save_model",
+    "CheckpointError", "load_model", "save_model", "generate",
 ]

@@ -298,7 +298,7 @@ class OPT(nn.Module):
         return x @ self.lm_head_weight.T                                 # (B, T, vocab)
 
     def _padded_layout(self, mask: torch.Tensor, past: int, t: int) -> AttentionLayout:
-        if bool(mask.all()) and past == 0:
+        if past == 0 and bool(mask.all()):  # decode steps skip the check: no host sync
             return AttentionLayout(causal_only=True)
         if self.attn == "triton" and past == 0:
             # Our kernel has no mask argument: hand it the real tokens as variable-length sequences.

@@ -1,0 +1,177 @@
+"""Greedy decoding speed of `slm.generate` against transformers' `generate()`, same checkpoint.
+
+    python bench/decode.py                        # OPT-350M, random weights, on the GPU
+    python bench/decode.py --stabletoolbench      # + wall time of one full stabletoolbench run
+    python bench/decode.py --small                # a small config on the CPU: the ratio only
+
+Both libraries load one random checkpoint written in Hugging Face's layout, decode the same prompts
+(lengths spread from --prompt-len/2 to --prompt-len, left-padded in a batch) greedily for exactly
+--new-tokens tokens (no early stop: our eos_id=None, transformers' min_new_tokens = max_new_tokens),
+and must produce the same tokens before any time is reported (in half precision a few argmax ties may
+flip: the share of equal tokens is printed). Timed: whole calls, prefill included, median of
+--repeats calls after a warm-up, ours and theirs interleaved, with a device sync at both ends.
+
+tokens/s = batch * new_tokens / seconds;  ms/token (batch 1) = seconds / new_tokens * 1000.
+Targets (PERF.md, H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
+
+The stabletoolbench run evaluates the random model on every query file of ../shared with the real
+tokenizer; random weights never write </s>, so every episode ends after one step of --new-tokens
+tokens ("runaway"): the figure is one full decoding round over all queries, not a trained model's run.
+Prints a table last; --json FILE keeps every figure with the device, commit and versions.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import slm  # noqa: E402
+from slm.generate import generate  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+QUERY_FILES = SHARED / "toolbench/queries/stabletoolbench_solvable/test_instruction"
+
+
+def small_config() -> slm.OPTConfig:
+    """A CPU-sized OPT: 4 post-LN layers of width 256 with opt-350m's projected embedding and vocabulary."""
+    return slm.OPTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                         word_embed_proj_dim=128, do_layer_norm_before=False)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_pair(ours, theirs, device: str, repeats: int) -> tuple[list[float], list[float], object, object]:
+    """Seconds of `repeats` calls of each, interleaved (ours, theirs, ours, ...) after one warm-up each.
+
+    Interleaving makes both sides see the same background load, which matters on shared CPU machines.
+    """
+    results = [ours(), theirs()]
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, theirs)):
+            sync(device)
+            start = time.perf_counter()
+            results[i] = fn()
+            sync(device)
+            times[i].append(time.perf_counter() - start)
+    return times[0], times[1], results[0], results[1]
+
+
+def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(prompt_len // 2, prompt_len, batch).long().tolist() if batch > 1 else [prompt_len]
+    # Ids from 4 up: no pad (1) and no </s> (2) inside a prompt, BOS first as the tokenizer does.
+    return [[2] + torch.randint(4, vocab, (n - 1,), generator=generator).tolist() for n in lengths]
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, device: str) -> list[list[int]]:
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[1] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = (ids != 1).long()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, num_beams=1, pad_token_id=1, eos_token_id=None)
+    return out[:, longest:].tolist()
+
+
+def stabletoolbench_wall_time(checkpoint: Path, args) -> dict:
+    import evaluate
+
+    files = sorted(QUERY_FILES.glob("*.json"))
+    if not files:
+        return {"skipped": f"no query files under {QUERY_FILES}"}
+    out = Path(tempfile.mkdtemp(prefix="bench-stb-"))
+    start = time.perf_counter()
+    results = evaluate.main([
+        "--model", str(checkpoint), "--tokenizer", str(SHARED / "opt"), "--suite", "stabletoolbench",
+        "--data", *map(str, files), "--tools", str(SHARED / "toolbench/tools/toolenv2404"),
+        "--out", str(out), "--device", args.device, "--dtype", args.dtype, "--attn", args.attn,
+        "--batch-size", "32", "--max-new-tokens", str(args.new_tokens)])
+    return {"wall_s": time.perf_counter() - start, "queries": results["overall"]["queries"],
+            "generate_s": results["timings"]["generate_s"], "new_tokens": results["timings"]["new_tokens"],
+            "outcomes": results["overall"]["outcomes"], "out": str(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="small config on the CPU (the ratio is the figure)")
+    parser.add_argument("--device", default=None, help="default: cuda, or cpu with --small")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "triton"), help="our prefill attention")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="longest prompt (default 1024; 128 with --small)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per prompt (default 128; 32 with --small)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--stabletoolbench", action="store_true", help="also time one full stabletoolbench run")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    args = parser.parse_args()
+    args.device = args.device or ("cpu" if args.small else "cuda")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.prompt_len = args.prompt_len or (128 if args.small else 1024)
+    args.new_tokens = args.new_tokens or (32 if args.small else 128)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench/decode.py: no CUDA device here; run with --small for the CPU comparison")
+    import transformers
+
+    dtype = getattr(torch, args.dtype)
+    config = small_config() if args.small else slm.OPTConfig.preset("opt-350m")
+    checkpoint = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    model = slm.OPT(config)
+    model.init_weights(seed=0)
+    slm.save_model(model, checkpoint)
+    ours = slm.load_model(checkpoint, dtype=dtype, device=args.device, attn=args.attn)
+    hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
+    hf = hf.to(args.device).eval()
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or None
+    report = {"device": device_name, "commit": commit, "torch": torch.__version__,
+              "transformers": transformers.__version__, "config": "small" if args.small else "opt-350m",
+              "dtype": args.dtype, "attn": args.attn, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "runs": []}
+    for batch in args.batches:
+        prompts = make_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
+        ours_times, hf_times, ours_tokens, hf_tokens = timed_pair(
+            lambda: generate(ours, prompts, args.new_tokens, eos_id=None),
+            lambda: hf_generate(hf, prompts, args.new_tokens, args.device), args.device, args.repeats)
+        ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
+        equal = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
+        if args.dtype == "float32" and ours_tokens != hf_tokens:
+            sys.exit(f"bench/decode.py: batch {batch}: tokens differ from transformers' in float32; not timing")
+        tokens = batch * args.new_tokens
+        report["runs"].append({
+            "batch": batch, "ours_s": ours_s, "hf_s": hf_s, "ours_tok_s": tokens / ours_s,
+            "hf_tok_s": tokens / hf_s, "speedup": hf_s / ours_s,
+            "ours_ms_per_token": ours_s / args.new_tokens * 1000, "hf_ms_per_token": hf_s / args.new_tokens * 1000,
+            "equal_token_share": equal / tokens, "ours_times_s": ours_times, "hf_times_s": hf_times})
+    if args.stabletoolbench:
+        report["stabletoolbench"] = stabletoolbench_wall_time(checkpoint, args)
+
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ndecode, {report['config']} {args.dtype} on {device_name}, commit {commit}, prompts <= "
+          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, attn={args.attn}")
+    print(f"{'batch':>5}  {'slm tok/s':>10}  {'hf tok/s':>10}  {'speedup':>7}  {'slm ms/tok':>10}  "
+          f"{'hf ms/tok':>9}  {'same tokens':>11}")
+    for r in report["runs"]:
+        print(f"{r['batch']:>5}  {r['ours_tok_s']:>10.1f}  {r['hf_tok_s']:>10.1f}  {r['speedup']:>6.2f}x  "
+              f"{r['ours_ms_per_token']:>10.2f}  {r['hf_ms_per_token']:>9.2f}  {r['equal_token_share']:>10.1%}")
+    if "stabletoolbench" in report:
+        print(f"stabletoolbench: {json.dumps(report['stabletoolbench'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Greedy decoding with a preallocated KV cache, batched over prompts of different lengths.
+
+    new_tokens = slm.generate(model, [tok.encode("Hello"), tok.encode("A longer prompt")], max_new_tokens=32)
+
+Prompts are left-padded with the pad id into one (B, P) batch; the attention mask marks the real
+tokens, and OPT derives its positions from that mask, so a padded prompt decodes exactly as it would
+alone. One prefill forward fills the cache (through the model's `attn` switch, e.g. our Triton
+kernel), then one single-token forward per step appends to it. The cache holds P + max_new_tokens
+positions from the start: nothing is allocated or copied per step.
+
+Returned tokens: the new tokens of each prompt, up to and *including* the first `eos_id` (as
+transformers' `generate()` does, so a caller can tell "stopped at </s>" from "hit the limit"), or
+`max_new_tokens` tokens when no eos came.
+
+Host syncs: the loop never reads a tensor value on the host except a cheap "have all sequences
+finished?" check every `check_every` steps; the tokens come back to the host once, at the end.
+Sequences that finished keep decoding until that check (their extra tokens are discarded), which
+costs a few wasted steps but saves a GPU->CPU round trip per token.
+"""
+
+import torch
+
+from .model import OPT
+
+
+@torch.inference_mode()
+def generate(
+    model: OPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = 2,
+    *,
+    pad_id: int | None = None,
+    check_every: int = 8,
+) -> list[list[int]]:
+    """Greedy continuation of every prompt; new tokens only, each list ending at its first eos_id.
+
+    The model should be in eval mode (as `slm.load_model` returns it): dropout would make decoding random.
+    prompts: token-id lists (each non-empty, e.g. `tok.encode(text)` with its leading </s>).
+    max_new_tokens: the most tokens generated per prompt.
+    eos_id: generation of a sequence stops after this token; None never stops early (benchmarks).
+    pad_id: the id left padding uses (default: the model's pad_token_id). Padded positions are masked
+        out, so the id only has to be a valid one.
+    check_every: how many steps pass between checks that every sequence has finished.
+    """
+    if not prompts:
+        return []
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompts {empty[:10]} are empty: every prompt needs at least one token (the BOS)")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{config.max_position_embeddings} positions: shorten the prompts or ask for fewer tokens")
+
+    device = model.lm_head_weight.device
+    pad_id = config.pad_token_id if pad_id is None else pad_id
+    batch, total = len(prompts), longest + max_new_tokens
+
+    # Left padding: every prompt ends at column `longest`, so the new tokens of all sequences share
+    # one column per step. The mask is allocated for the whole run; its new-token columns are all 1
+    # (a finished sequence still attends to its own later tokens, which are discarded anyway).
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    mask = torch.ones((batch, total), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, :longest - len(prompt)] = 0
+    input_ids, mask = input_ids.to(device), mask.to(device)
+
+    cache = model.new_kv_cache(batch, total)
+    out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    # Prefill: only the last position's logits are needed, so project just that hidden state onto the
+    # vocabulary instead of materialising (B, P, vocab) logits.
+    hidden = model(input_ids, attention_mask=mask[:, :longest], cache=cache, return_hidden=True)
+    next_token = (hidden[:, -1] @ model.lm_head_weight.T).argmax(dim=-1)     # (B,)
+    steps = max_new_tokens
+    for step in range(max_new_tokens):
+        out[:, step] = next_token
+        if eos_id is not None:
+            finished |= next_token == eos_id
+            if (step + 1) % check_every == 0 and bool(finished.all()):   # the loop's only host sync
+                steps = step + 1
+                break
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(next_token[:, None], attention_mask=mask[:, :cache.length + 1], cache=cache)
+        next_token = logits[:, -1].argmax(dim=-1)                             # (B,)
+
+    tokens = out[:, :steps].tolist()
+    if eos_id is not None:
+        tokens = [seq[:seq.index(eos_id) + 1] if eos_id in seq else seq for seq in tokens]
+    return tokens
