@@ -1,0 +1,119 @@
+"""Benchmark data/prepare.py: rows/s, tokens/s and peak memory streaming a large ToolLLaMA array.
+
+    python bench/prepare.py [--mb 500] [--cores 2] [--tmp /tmp/slm_bench_prepare] [--no-collapse-too]
+
+It builds a JSON array of at least `--mb` MB from the 30 real rows in ../shared/toolbench/sft
+(replicated; each replica's query and system prompt get a serial number so nothing is served from a
+cache that real data would miss), writes it under --tmp (never into the repository), then runs
+`data/prepare.py` on it in a child process pinned to `--cores` CPU cores and reports the child's wall
+time and peak RSS. The full release (toolllama_G123_dfs_train.json, 187,542 rows) is not available
+here: its time is *projected* from the measured rows/s.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SFT = SHARED / "toolbench" / "sft" / "toolllama_dfs_data_example.json"
+FULL_ROWS = 187_542  # rows in ToolBench's toolllama_G123_dfs_train.json
+
+
+def build_array(path: Path, megabytes: int) -> int:
+    """Write a JSON array of replicated real rows (indent=4, like ToolBench's json.dump); returns rows."""
+    rows = json.loads(SFT.read_text())
+    written, replica = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[")
+        while f.tell() < megabytes * 1_000_000:
+            for row in rows:
+                tag = f" (#{replica})"
+                conversations = [dict(m) for m in row["conversations"]]
+                conversations[0]["value"] = conversations[0]["value"].replace(
+                    "\nYou have access of the following tools:\n", f"\nYou have access of the following tools{tag}:\n")
+                conversations[1]["value"] = conversations[1]["value"].replace("\nBegin!\n", f"{tag}\nBegin!\n")
+                copy = {"id": row["id"] + tag, "conversations": conversations}
+                f.write(("," if written else "") + "\n" + json.dumps(copy, indent=4, ensure_ascii=False))
+                written += 1
+            replica += 1
+        f.write("\n]")
+    return written
+
+
+def run_prepare(array: Path, out: Path, cores: int, collapse: bool) -> dict:
+    """Run data/prepare.py in a child pinned to `cores` cores; returns wall seconds, peak RSS and stats."""
+    cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(array),
+           "--tokenizer", str(SHARED / "opt"), "--out", str(out)] + ([] if collapse else ["--no-collapse"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = out.with_suffix(".log")
+    start = time.perf_counter()
+    with open(log, "w") as stdout:
+        child = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.DEVNULL,
+                                 preexec_fn=lambda: os.sched_setaffinity(0, set(range(cores))))
+        # wait4 gives this child's own resource usage: CPU seconds and peak RSS (kilobytes on Linux)
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)  # tell Popen its child is already reaped
+    if child.returncode:
+        raise SystemExit(f"prepare.py failed ({child.returncode}), see {log}")
+    stats = json.loads((out / "stats.json").read_text())
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "stats": stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=500, help="size of the generated array in MB (>= 500 for the report)")
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores the prepare child may use")
+    parser.add_argument("--tmp", default="/tmp/slm_bench_prepare", help="scratch directory (outside the repo)")
+    parser.add_argument("--no-collapse-too", action="store_true",
+                        help="also run with --no-collapse, to measure the token saving of collapsing")
+    args = parser.parse_args()
+    if not SFT.is_file():
+        raise SystemExit(f"{SFT} not found: the benchmark builds its input from the real rows there")
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    array = tmp / "toolllama_bench.json"
+    rows = build_array(array, args.mb)
+    size_mb = array.stat().st_size / 1e6
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "uncommitted"
+    print(f"input: {array} ({size_mb:,.0f} MB, {rows:,} rows) | cpu: {platform.processor() or platform.machine()}, "
+          f"{args.cores} cores | commit {commit}")
+    modes = [True, False] if args.no_collapse_too else [True]
+    results = {collapse: run_prepare(array, tmp / f"out_{'collapse' if collapse else 'rows'}", args.cores, collapse)
+               for collapse in modes}
+    print("\n| mode | wall s | CPU s | rows/s | tokens/s | MB/s | peak RSS | examples | tokens | fitted "
+          "| dropped turns |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for collapse, r in results.items():
+        s = r["stats"]
+        print(f"| {'collapse' if collapse else 'no-collapse'} | {r['wall_s']:,.0f} | {r['cpu_s']:,.0f} | "
+              f"{s['rows_read'] / r['wall_s']:,.0f} | "
+              f"{s['tokens'] / r['wall_s']:,.0f} | {size_mb / r['wall_s']:,.1f} | {r['peak_rss_mb']:,.0f} MB | "
+              f"{s['examples']:,} | {s['tokens']:,} | {s['examples_fitted']:,} | {s['turns_dropped_too_long']:,} |")
+    r = results[True]
+    rate = r["stats"]["rows_read"] / r["wall_s"]
+    cpu_rate = r["stats"]["rows_read"] / r["cpu_s"]
+    print(f"\nprojected from measured rows/s (not measured): the full {FULL_ROWS:,}-row file would take "
+          f"{FULL_ROWS / rate / 60:,.1f} min of wall time on {args.cores} cores as loaded now "
+          f"({FULL_ROWS / cpu_rate / 60:,.1f} CPU-minutes at {cpu_rate:,.0f} rows per CPU-second; target <= 30 min). "
+          f"The reader holds about one element, so peak RSS should stay near the {r['peak_rss_mb']:,.0f} MB "
+          f"measured here (target <= 2 GB)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share these cores: wall "
+          "times are pessimistic, CPU seconds are not)")
+    if False in results:
+        saved = 1 - results[True]["stats"]["tokens"] / results[False]["stats"]["tokens"]
+        print(f"collapsing: {results[False]['stats']['tokens']:,} -> {results[True]['stats']['tokens']:,} tokens "
+              f"({saved:.1%} fewer), same trained turns: {results[True]['stats']['trained_turns']:,} vs "
+              f"{results[False]['stats']['trained_turns']:,}")
+
+
+if __name__ == "__main__":
+    main()
