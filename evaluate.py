@@ -1,0 +1,690 @@
+"""Evaluate a model on ToolBench tool calling, offline: no LLM judge, no live APIs.
+
+    python evaluate.py --model runs/paper/final --suite stabletoolbench \
+        --data ../shared/toolbench/queries/stabletoolbench_solvable/test_instruction/*.json \
+        --tools ../shared/toolbench/tools/toolenv2404 --out eval/paper
+    python evaluate.py --model runs/paper/final --suite replay \
+        --data ../shared/toolbench/sft/toolllama_dfs_data_example.json \
+               ../shared/toolbench/trajectories/toolbench_dfs/G1_answer/*.json
+    python evaluate.py --model runs/smoke/final --suite synthetic      # 200 in-memory test tasks
+
+Suites
+------
+stabletoolbench  Each test query runs a greedy ReAct loop of at most --max-steps (10) steps. The prompt
+                 is the training rendering of the conversation so far (`toolbench.prompt_ids`, the same
+                 fitting), a step is parsed with `toolbench.parse_step`, a tool call is answered by the
+                 offline environment of `slm/tool_env.py` (the API's recorded response template), and
+                 `Finish` ends the episode. All running episodes decode together: each round, one
+                 batched `slm.generate` over their prompts (in chunks of --batch-size).
+synthetic        The same loop over data/synthetic.py's test tasks, whose tools really run
+                 (`synthetic.execute`); `synthetic.score` judges each answer exactly.
+replay           Gold trajectories (ToolLLaMA rows, DFS answer files, ToolEval converted answers):
+                 every assistant step is predicted from the recorded history and compared with gold.
+
+Metrics (per subset = query file, and `overall` pooled over all queries, i.e. query-weighted)
+-------
+offline_pass_rate   finished with an answer, at least one relevant API called successfully, and no
+                    undeclared function called. It is an *offline* gate, not the ToolBench pass rate,
+                    which needs an LLM judge: run ToolEval / StableToolEval on predictions/<subset>.json.
+finish_rate         Finish with return_type give_answer and a non-empty final_answer within the budget.
+format_valid_rate   generated steps that parse as Thought / Action / Action Input (per step).
+hallucinated_function_rate  parsed steps whose action is not a declared function (per step).
+argument_valid_rate calls to declared tools with every required and no undeclared parameter.
+relevant_api_recall share of the query's `relevant APIs` called at least once (mean over queries).
+pass_rate           (synthetic) final answer holds the right value(s) and every call was valid.
+replay: parse_rate, action_accuracy, argument_exact_match (same action, JSON-equal arguments),
+        finish_accuracy (the Finish decision and its return_type agree with gold).
+
+An episode ends with one outcome: finished, empty_answer, gave_up, step_budget, malformed_step (the
+step does not parse), runaway (no </s> within --max-new-tokens), context_full (the history cannot be
+fitted). Unlike ToolBench's runner, a malformed step ends the episode instead of being sent back as
+an error observation. Finish without a return_type / final_answer gets ToolBench's error observation.
+
+Output in --out: results.json (metrics, config, model, commit, timings), records/<subset>.jsonl (one
+line per query or step, with the reason of each failure), predictions/<subset>.json (ToolEval's
+converted-answer format, stabletoolbench suite only), and a table on stdout. StableToolBench's judge
+reads the predictions as they are:
+
+    cd StableToolBench/toolbench/tooleval && python eval_pass_rate.py --converted_answer_path OUT \\
+        --reference_model predictions --test_ids ../../solvable_queries/test_query_ids --test_set G1_instruction
+"""
+
+import argparse
+import json
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import slm
+from slm import toolbench
+from slm.generate import generate
+from slm.tool_env import FINISH, ToolEnv, argument_problems, recorded_env
+from slm.weights import resolve_checkpoint
+
+REPO = Path(__file__).resolve().parent
+EOS_ID = 2
+SYNTHETIC_TEST_TASKS, SYNTHETIC_SEED = 200, 0   # data/synthetic.py's defaults for its test split
+# ToolBench's replies to a malformed Finish (rapidapi.py), kept byte for byte.
+FINISH_NO_RETURN_TYPE = '{error:"must have "return_type""}'
+FINISH_NO_ANSWER = '{error:"must have "final_answer""}'
+FINISH_BAD_RETURN_TYPE = '{error:""return_type" is not a valid choice"}'
+
+
+# ============================================================================ command line
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Offline ToolBench evaluation (offline pass rate, step metrics, replay, synthetic).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory or hub id")
+    parser.add_argument("--suite", required=True, choices=("stabletoolbench", "replay", "synthetic"),
+                        help="what to evaluate (see below)")
+    parser.add_argument("--data", nargs="+", type=Path, default=None,
+                        help="stabletoolbench: query files (subset = file name, e.g. G1_instruction.json); "
+                             "replay: ToolLLaMA row files, DFS answer files or ToolEval converted answers; "
+                             "synthetic: test/synthetic.json written by data/synthetic.py "
+                             f"(default: {SYNTHETIC_TEST_TASKS} test tasks generated with seed {SYNTHETIC_SEED})")
+    parser.add_argument("--tools", type=Path, default=None,
+                        help="tool directory for tool descriptions, e.g. ../shared/toolbench/tools/toolenv2404 "
+                             "(required by stabletoolbench; used by replay for ToolEval answers)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="directory with vocab.json + merges.txt (default: the model directory)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N queries / trajectories / tasks of each file")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip and count malformed input items instead of stopping with an error")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: eval-<suite>)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="tokens per generated step (default 256; ToolLLaMA used 512). The prompt is "
+                             "fitted to leave this many positions free")
+    parser.add_argument("--max-steps", type=int, default=10,
+                        help="assistant steps (tool calls, Finish included) per episode (default 10, as ToolEval)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="context length the prompt plus the step must fit (default: the model's positions)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "triton"),
+                        help="attention implementation for the prefill (default sdpa)")
+    args = parser.parse_args(argv)
+    if args.suite in ("stabletoolbench", "replay") and not args.data:
+        parser.error(f"--suite {args.suite} needs --data FILE...")
+    if args.suite == "stabletoolbench" and args.tools is None:
+        parser.error("--suite stabletoolbench needs --tools DIR (the tool descriptions of the system prompt)")
+    for name in ("batch_size", "max_new_tokens", "max_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.out = args.out or Path(f"eval-{args.suite}")
+    return args
+
+
+class InputError(ValueError):
+    """A malformed input item: the message names the file, the item and what was expected."""
+
+
+# ============================================================================ decoding
+
+@dataclass
+class Decoder:
+    """slm.generate over many prompts in length-sorted chunks, with the counters for the timings."""
+
+    model: slm.OPT
+    tok: slm.Tokenizer
+    max_len: int
+    max_new_tokens: int
+    batch_size: int
+    seconds: float = 0.0
+    new_tokens: int = 0
+    calls: int = 0
+
+    def prompt(self, history: list[dict]) -> list[int]:
+        """Training's rendering and fitting of `history`, leaving room for one step (ValueError if it can't)."""
+        return toolbench.prompt_ids(history, self.tok, self.max_len, reserve=self.max_new_tokens)
+
+    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+        # Similar lengths share a chunk, so little of each batch is padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            began = time.perf_counter()
+            for i, tokens in zip(chunk, generate(self.model, [prompts[i] for i in chunk],
+                                                 self.max_new_tokens, eos_id=EOS_ID)):
+                outputs[i] = tokens
+            self.seconds += time.perf_counter() - began
+            self.new_tokens += sum(len(outputs[i]) for i in chunk)
+            self.calls += 1
+        return outputs
+
+    def text(self, tokens: list[int]) -> tuple[str, bool]:
+        """(the step text without </s>, whether it stopped at </s>)."""
+        stopped = bool(tokens) and tokens[-1] == EOS_ID
+        return self.tok.decode(tokens[:-1] if stopped else tokens), stopped
+
+
+# ============================================================================ the ReAct loop
+
+@dataclass
+class Episode:
+    """One query being solved: its conversation so far, its tools, and what happened at each step."""
+
+    subset: str
+    query_id: str
+    query: str
+    functions: list[dict]           # declared functions, Finish last (also written to predictions)
+    history: list[dict]             # system, user, then assistant / function turns
+    env: ToolEnv
+    relevant: list[str]             # function names of the query's `relevant APIs`
+    task: dict | None = None        # synthetic task, scored by data/synthetic.py
+    steps: list[dict] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    final_answer: str | None = None
+    finish_arguments: str = ""      # the ending Finish call's arguments, as ToolEval's final_answer
+    outcome: str | None = None      # None while running
+    detail: str = ""
+
+    def end(self, outcome: str, detail: str = "") -> None:
+        self.outcome, self.detail = outcome, detail
+
+
+def take_step(episode: Episode, text: str, stopped: bool, max_steps: int) -> None:
+    """Apply one generated assistant step: parse it, answer the call or end the episode."""
+    step = {"text": text}
+    episode.steps.append(step)
+    if not stopped:
+        step["status"] = "runaway"
+        return episode.end("runaway", f"no </s> within the step's token limit; text ends {text[-80:]!r}")
+    try:
+        parsed = toolbench.parse_step(text)
+    except toolbench.ParseError as err:
+        step["status"] = "malformed"
+        return episode.end("malformed_step", str(err))
+    if not all(isinstance(key, str) for key in parsed.action_input):
+        # ast.literal_eval (ToolBench's fallback) accepts {1: 2}; no JSON object has such keys.
+        step["status"] = "malformed"
+        return episode.end("malformed_step", f"action input of {parsed.action!r} has non-string keys")
+    step.update(thought=parsed.thought, action=parsed.action, arguments=parsed.action_input)
+    episode.history.append({"from": "assistant", "value": text})
+
+    if parsed.action == FINISH:
+        observation = finish(episode, parsed.action_input)
+        step["status"] = "finish" if observation is None else "finish_error"
+    else:
+        result = episode.env.call(parsed.action, parsed.action_input)
+        step["status"], observation = result.status, result.observation
+        if result.status != "undeclared":
+            problems = argument_problems(episode.env.functions[parsed.action], parsed.action_input)
+            step["arguments_valid"] = not problems
+    if observation is not None:
+        step["observation"] = observation
+        episode.history.append({"from": "function", "value": observation})
+    if episode.outcome is None and len(episode.steps) >= max_steps:
+        episode.end("step_budget", f"no Finish within {max_steps} steps")
+
+
+def finish(episode: Episode, arguments: dict) -> str | None:
+    """ToolBench's Finish semantics: None when the episode ended, else the error observation to send."""
+    return_type = arguments.get("return_type")
+    if return_type is None:
+        return FINISH_NO_RETURN_TYPE
+    if return_type not in ("give_answer", "give_up_and_restart"):
+        return FINISH_BAD_RETURN_TYPE
+    if return_type == "give_answer" and "final_answer" not in arguments:
+        return FINISH_NO_ANSWER
+    episode.finish_arguments = json.dumps(arguments, ensure_ascii=False, indent=2, default=repr)
+    if return_type == "give_up_and_restart":
+        episode.end("gave_up")
+        return None
+    answer = arguments["final_answer"]
+    episode.final_answer = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, default=repr)
+    episode.end("finished" if episode.final_answer.strip() else "empty_answer",
+                "" if episode.final_answer.strip() else "Finish gave an empty final_answer")
+    return None
+
+
+def run_episodes(episodes: list[Episode], decoder: Decoder, max_steps: int, desc: str) -> None:
+    """Run every episode to its end; each round decodes the next step of all running episodes at once."""
+    bar = tqdm(total=len(episodes), desc=desc, unit="query", dynamic_ncols=True)
+    running = list(episodes)
+    round_ = 0
+    while running:
+        round_ += 1
+        prompts, active = [], []
+        for episode in running:
+            try:
+                prompt = decoder.prompt(episode.history)
+            except ValueError as err:
+                episode.end("context_full", str(err))
+                continue
+            episode.prompt_tokens.append(len(prompt))
+            prompts.append(prompt)
+            active.append(episode)
+        for episode, tokens in zip(active, decoder(prompts)):
+            take_step(episode, *decoder.text(tokens), max_steps)
+        still = [e for e in running if e.outcome is None]
+        bar.update(len(running) - len(still))
+        bar.set_postfix(step=round_, running=len(still))
+        running = still
+    bar.close()
+
+
+# ============================================================================ inputs
+
+def _subset_of(path: Path) -> str:
+    return path.stem
+
+
+def _relevant_functions(query: dict) -> list[str]:
+    """Function names of the query's `relevant APIs` ([tool_name, api_name] pairs of its api_list)."""
+    by_pair = {(api["tool_name"], api["api_name"]): toolbench.function_from_api(api)["name"]
+               for api in query["api_list"]}
+    missing = [pair for pair in map(tuple, query["relevant APIs"]) if pair not in by_pair]
+    if missing:
+        raise ValueError(f"relevant APIs {missing} are not in its api_list")
+    return [by_pair[tuple(pair)] for pair in query["relevant APIs"]]
+
+
+def _load_json_list(path: Path) -> list:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(items, list):
+        raise InputError(f"{path}: expected a JSON list of queries, got a {type(items).__name__}")
+    return items
+
+
+def _bad_item(message: str, err: Exception | None, skip_bad: bool, skipped: list) -> None:
+    """Stop on a malformed input item, or (--skip-bad) count it and go on."""
+    if err is not None:
+        message += f": {type(err).__name__}: {err}"
+    if not skip_bad:
+        raise InputError(message + " (pass --skip-bad to skip such items)") from err
+    skipped.append(message)
+
+
+def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped) -> list[Episode]:
+    if not tools_dir.is_dir():
+        raise InputError(f"--tools {tools_dir} is not a directory (expected <Category>/<tool>.json files)")
+    tools = toolbench.tool_index(tools_dir)
+    episodes = []
+    for path in paths:
+        for index, query in enumerate(_load_json_list(path)[:limit]):
+            try:
+                if not isinstance(query.get("query"), str) or not isinstance(query.get("api_list"), list):
+                    raise ValueError("expected an object with a string 'query' and an 'api_list' list")
+                episodes.append(Episode(
+                    subset=_subset_of(path), query_id=str(query["query_id"]), query=query["query"],
+                    functions=toolbench.functions_from_api_list(query["api_list"]),
+                    history=toolbench.conversation_start(query, tools), env=recorded_env(query),
+                    relevant=_relevant_functions(query)))
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                _bad_item(f"{path}: query {index} is malformed", err, skip_bad, skipped)
+    return episodes
+
+
+def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
+    from data import synthetic  # the synthetic tasks live beside the data tools, not in slm/
+
+    sources = [(path, _load_json_list(path)) for path in paths] if paths else [
+        (Path("synthetic.json"), synthetic.make_tasks("test", SYNTHETIC_TEST_TASKS, SYNTHETIC_SEED))]
+    episodes = []
+    for path, tasks in sources:
+        for index, task in enumerate(tasks[:limit]):
+            try:
+                functions = toolbench.functions_from_api_list(task["api_list"])
+                history = [{"from": "system", "value": toolbench.system_prompt(functions, task["tool_descriptions"])},
+                           {"from": "user", "value": toolbench.user_turn(task["query"])}]
+                env = ToolEnv(functions, lambda name, arguments, task=task: synthetic.execute(task, name, arguments))
+                episodes.append(Episode(
+                    subset=_subset_of(path), query_id=str(task["query_id"]), query=task["query"],
+                    functions=functions, history=history, env=env, relevant=_relevant_functions(task),
+                    task=task))
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                _bad_item(f"{path}: task {index} is malformed", err, skip_bad, skipped)
+    return episodes
+
+
+# ============================================================================ episode metrics
+
+def _rate(numerator: float, denominator: float):
+    return numerator / denominator if denominator else None
+
+
+def offline_pass(episode: Episode) -> bool:
+    calls = [s for s in episode.steps if s.get("action") not in (None, FINISH)]
+    relevant_ok = any(s["status"] == "ok" and s["action"] in episode.relevant for s in calls)
+    hallucinated = any(s["status"] == "undeclared" for s in calls)
+    return episode.outcome == "finished" and relevant_ok and not hallucinated
+
+
+def episode_metrics(episodes: list[Episode]) -> dict:
+    steps = [s for e in episodes for s in e.steps]
+    parsed = [s for s in steps if "action" in s]
+    calls = [s for s in parsed if s["action"] != FINISH]
+    checked = [s for s in calls if "arguments_valid" in s]
+    recalls = [len(set(e.relevant) & {s["action"] for s in e.steps if "action" in s}) / len(set(e.relevant))
+               for e in episodes if e.relevant]
+    n = len(episodes)
+    return {
+        "queries": n,
+        "offline_pass_rate": _rate(sum(map(offline_pass, episodes)), n),
+        "finish_rate": _rate(sum(e.outcome == "finished" for e in episodes), n),
+        "give_up_rate": _rate(sum(e.outcome == "gave_up" for e in episodes), n),
+        "format_valid_rate": _rate(len(parsed), len(steps)),
+        "hallucinated_function_rate": _rate(sum(s["status"] == "undeclared" for s in parsed), len(parsed)),
+        "argument_valid_rate": _rate(sum(s["arguments_valid"] for s in checked), len(checked)),
+        "relevant_api_recall": _rate(sum(recalls), len(recalls)),
+        "mean_steps": _rate(len(steps), n),
+        "mean_tool_calls": _rate(len(calls), n),
+        "outcomes": dict(Counter(e.outcome for e in episodes).most_common()),
+    }
+
+
+def synthetic_scores(episodes: list[Episode]) -> dict[str, dict]:
+    """data/synthetic.py's exact verdict for every episode, keyed by query id."""
+    from data import synthetic
+
+    scores = {}
+    for e in episodes:
+        calls = [(s["action"], s["arguments"], s.get("observation", "")) for s in e.steps
+                 if s.get("action") not in (None, FINISH)]
+        try:
+            scores[e.query_id] = synthetic.score(e.task, calls, e.final_answer)
+        except Exception as err:  # whatever the model wrote, the run goes on; the episode fails
+            scores[e.query_id] = {"pass": False, "answer_ok": False, "calls_ok": False, "missing": [],
+                                  "invalid_calls": [], "reasons": [f"scoring raised {type(err).__name__}: {err}"]}
+    return scores
+
+
+def synthetic_metrics(episodes: list[Episode], scores: dict[str, dict]) -> dict:
+    metrics = episode_metrics(episodes)
+    verdicts = [(e.task["task_type"], scores[e.query_id]) for e in episodes]
+    metrics["pass_rate"] = _rate(sum(v["pass"] for _, v in verdicts), len(verdicts))
+    metrics["answer_correct_rate"] = _rate(sum(v["answer_ok"] for _, v in verdicts), len(verdicts))
+    metrics["pass_rate_by_type"] = {
+        kind: _rate(sum(v["pass"] for k, v in verdicts if k == kind), sum(k == kind for k, _ in verdicts))
+        for kind in sorted({k for k, _ in verdicts})}
+    return metrics
+
+
+def episode_record(e: Episode) -> dict:
+    return {"query_id": e.query_id, "subset": e.subset, "query": e.query, "prompt_tokens": e.prompt_tokens,
+            "steps": e.steps, "tool_calls": sum(s.get("action") not in (None, FINISH) for s in e.steps),
+            "outcome": e.outcome, "reason": e.detail, "final_answer": e.final_answer,
+            "offline_pass": offline_pass(e)}
+
+
+def tooleval_prediction(e: Episode) -> dict:
+    """One query in ToolEval's converted-answer format (StableToolBench's convert_to_answer_format).
+
+    answer_details is one chain: system -> user -> (assistant thought ->) tool call -> ... A tool node's
+    message is {name, arguments (JSON text), response (the observation; "" for Finish)}; a step that
+    did not parse appears as an assistant node with its raw text. total_steps counts the nodes.
+    """
+    nodes = [{"role": "system", "message": ""}, {"role": "user", "message": e.query}]
+    for step in e.steps:
+        if "action" not in step:
+            nodes.append({"role": "assistant", "message": step["text"]})
+            continue
+        if step["thought"].strip():
+            nodes.append({"role": "assistant", "message": step["thought"]})
+        nodes.append({"role": "tool", "message": {
+            "name": step["action"],
+            "arguments": json.dumps(step["arguments"], ensure_ascii=False, indent=2, default=repr),
+            "response": step.get("observation", "") if step["action"] != FINISH else ""}})
+    chain: list[dict] = []
+    for node in reversed(nodes):
+        chain = [{**node, "next": chain}]
+    return {"query": e.query, "available_tools": e.functions,
+            "answer": {"method": "CoT@1", "total_steps": len(nodes), "final_answer": e.finish_arguments,
+                       "answer_details": chain}}
+
+
+# ============================================================================ replay
+
+def replay_items(paths, tools_dir, limit, skip_bad, skipped) -> list[dict]:
+    """Every assistant step of every gold trajectory: {source, id, turn, history, gold (Step)}."""
+    tools = toolbench.tool_index(tools_dir) if tools_dir else None
+    items = []
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        fmt = toolbench.detect_format(path)
+        source = path.parent.name if fmt == "dfs" else path.stem   # DFS answers come one file per query
+        rows = []
+        for index, row in enumerate(toolbench.read_rows(path, fmt, tools)):
+            if isinstance(row, toolbench.Malformed):
+                where = row.where if row.where.startswith(str(path)) else f"{path}: {row.where}"
+                _bad_item(f"malformed item, {where}", None, skip_bad, skipped)
+                continue
+            try:
+                rows.append(toolbench.check_row(row))
+            except toolbench.BadRow as err:
+                _bad_item(f"{path}: row {index} is malformed", err, skip_bad, skipped)
+        # Step-exploded rows repeat their trajectory's prefix: collapse them so each step counts once.
+        for chain in list(toolbench.chains(rows, collapse=True))[:limit]:
+            for turn, message in enumerate(chain.conversations):
+                if message["from"] != "assistant":
+                    continue
+                try:
+                    gold = toolbench.parse_step(message["value"])
+                except toolbench.ParseError as err:
+                    skipped.append(f"{path}: {chain.id[:60]!r} turn {turn}: gold step does not parse ({err})")
+                    continue
+                items.append({"source": source, "id": chain.id, "turn": turn,
+                              "history": chain.conversations[:turn], "gold": gold})
+    return items
+
+
+def run_replay(items: list[dict], decoder: Decoder) -> list[dict]:
+    records, prompts, kept = [], [], []
+    for item in items:
+        try:
+            prompts.append(decoder.prompt(item["history"]))
+            kept.append(item)
+        except ValueError as err:
+            records.append(_replay_record(item, None, "", False, f"context_full: {err}"))
+    bar = tqdm(total=len(kept), desc="replay", unit="step", dynamic_ncols=True)
+    for start in range(0, len(kept), decoder.batch_size * 8):   # several batches per progress update
+        chunk = slice(start, start + decoder.batch_size * 8)
+        for item, prompt, tokens in zip(kept[chunk], prompts[chunk], decoder(prompts[chunk])):
+            text, stopped = decoder.text(tokens)
+            records.append(_replay_record(item, len(prompt), text, stopped, ""))
+        bar.update(len(kept[chunk]))
+    bar.close()
+    return records
+
+
+def _replay_record(item: dict, prompt_tokens, text: str, stopped: bool, error: str) -> dict:
+    """One replayed step against its gold; a step that never reached </s> counts as unparsed, as in the loop."""
+    gold, predicted = item["gold"], None
+    if not error and not stopped:
+        error = "runaway: no </s> within the step's token limit"
+    if not error:
+        try:
+            predicted = toolbench.parse_step(text)
+        except toolbench.ParseError as err:
+            error = f"malformed_step: {err}"
+    action_ok = predicted is not None and predicted.action == gold.action
+    if predicted is None:
+        finish_ok = False
+    elif gold.action == FINISH:
+        finish_ok = action_ok and predicted.action_input.get("return_type") == gold.action_input.get("return_type")
+    else:
+        finish_ok = predicted.action != FINISH
+    return {"source": item["source"], "id": item["id"], "turn": item["turn"], "prompt_tokens": prompt_tokens,
+            "gold": {"action": gold.action, "arguments": gold.action_input}, "text": text,
+            "predicted": predicted and {"action": predicted.action, "arguments": predicted.action_input},
+            "parsed": predicted is not None, "action_match": action_ok,
+            "arguments_match": action_ok and predicted.action_input == gold.action_input,
+            "finish_match": finish_ok, "error": error}
+
+
+def replay_metrics(records: list[dict]) -> dict:
+    n = len(records)
+    return {"steps": n,
+            "parse_rate": _rate(sum(r["parsed"] for r in records), n),
+            "action_accuracy": _rate(sum(r["action_match"] for r in records), n),
+            "argument_exact_match": _rate(sum(r["arguments_match"] for r in records), n),
+            "finish_accuracy": _rate(sum(r["finish_match"] for r in records), n),
+            "gold_finish_steps": sum(r["gold"]["action"] == FINISH for r in records)}
+
+
+# ============================================================================ output
+
+COLUMNS = {
+    "stabletoolbench": [("queries", "queries"), ("offline pass", "offline_pass_rate"), ("finish", "finish_rate"),
+                        ("format ok", "format_valid_rate"), ("halluc. fn", "hallucinated_function_rate"),
+                        ("args ok", "argument_valid_rate"), ("rel. recall", "relevant_api_recall"),
+                        ("steps", "mean_steps")],
+    "replay": [("steps", "steps"), ("parse", "parse_rate"), ("action", "action_accuracy"),
+               ("args EM", "argument_exact_match"), ("finish", "finish_accuracy")],
+}
+COLUMNS["synthetic"] = COLUMNS["stabletoolbench"][:1] + [("pass", "pass_rate")] + COLUMNS["stabletoolbench"][1:]
+
+
+def table(suite: str, results: dict) -> str:
+    columns = COLUMNS[suite]
+    rows = [(name, m) for name, m in results["subsets"].items()] + [("overall", results["overall"])]
+    width = max(len(name) for name, _ in rows)
+
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [f"{'subset':<{width}}  " + "  ".join(f"{h:>11}" for h, _ in columns)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{cell(m.get(k)):>11}" for _, k in columns) for name, m in rows]
+    return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def write_jsonl(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            # default=repr: arguments read by ast.literal_eval may hold sets or bytes, which JSON lacks.
+            f.write(json.dumps(record, ensure_ascii=False, default=repr) + "\n")
+
+
+def _by(key, items) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+# ============================================================================ main
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    print(f"evaluate: {json.dumps(vars(args), default=str)}")
+
+    # ------------------------------------------------------------------ model and tokenizer
+    try:
+        model_dir = resolve_checkpoint(args.model)
+        model = slm.load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device, attn=args.attn)
+        tok = slm.load_tokenizer(args.tokenizer or model_dir)
+    except (slm.CheckpointError, FileNotFoundError, ValueError) as err:   # all name the file at fault
+        raise SystemExit(f"evaluate.py: {err}") from None
+    max_len = args.max_len or model.config.max_position_embeddings
+    if max_len > model.config.max_position_embeddings or args.max_new_tokens >= max_len:
+        raise SystemExit(f"--max-len {max_len} must be at most the model's {model.config.max_position_embeddings} "
+                         f"positions and above --max-new-tokens {args.max_new_tokens}")
+    decoder = Decoder(model, tok, max_len, args.max_new_tokens, args.batch_size)
+    loaded = time.perf_counter()
+
+    # ------------------------------------------------------------------ the suite
+    skipped: list[str] = []
+    out = args.out
+    try:
+        if args.suite == "replay":
+            items = replay_items(args.data, args.tools, args.limit, args.skip_bad, skipped)
+            records = run_replay(items, decoder)
+            groups = _by(lambda r: r["source"], records)
+            subsets = {name: replay_metrics(rs) for name, rs in groups.items()}
+            overall = replay_metrics(records)
+            for name, rs in groups.items():
+                write_jsonl(out / "records" / f"{name}.jsonl", rs)
+        else:
+            if args.suite == "stabletoolbench":
+                episodes = stabletoolbench_episodes(args.data, args.tools, args.limit, args.skip_bad, skipped)
+            else:
+                episodes = synthetic_episodes(args.data, args.limit, args.skip_bad, skipped)
+            run_episodes(episodes, decoder, args.max_steps, args.suite)
+            groups = _by(lambda e: e.subset, episodes)
+            if args.suite == "synthetic":
+                scores = synthetic_scores(episodes)
+                subsets = {name: synthetic_metrics(es, scores) for name, es in groups.items()}
+                overall = synthetic_metrics(episodes, scores)
+            else:
+                subsets = {name: episode_metrics(es) for name, es in groups.items()}
+                overall = episode_metrics(episodes)
+            for name, es in groups.items():
+                records = [episode_record(e) for e in es]
+                if args.suite == "synthetic":
+                    for record, e in zip(records, es):
+                        record["score"] = scores[e.query_id]
+                write_jsonl(out / "records" / f"{name}.jsonl", records)
+                if args.suite == "stabletoolbench":
+                    (out / "predictions").mkdir(parents=True, exist_ok=True)
+                    predictions = {e.query_id: tooleval_prediction(e) for e in es}
+                    (out / "predictions" / f"{name}.json").write_text(
+                        json.dumps(predictions, ensure_ascii=False, indent=2, default=repr), encoding="utf-8")
+    except InputError as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+
+    # ------------------------------------------------------------------ results
+    finished = time.perf_counter()
+    results = {
+        "suite": args.suite,
+        "note": "offline_pass_rate is this evaluator's offline gate, not ToolBench's judged pass rate"
+                if args.suite == "stabletoolbench" else "",
+        "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),
+        "commit": git_commit(),
+        "config": json.loads(json.dumps(vars(args), default=str)) | {"max_len": max_len},
+        "data": [str(p) for p in args.data] if args.data else "in-memory synthetic test split",
+        "subsets": subsets, "overall": overall, "skipped": skipped,
+        "timings": {"load_s": loaded - started, "evaluate_s": finished - loaded, "generate_s": decoder.seconds,
+                    "generate_calls": decoder.calls, "new_tokens": decoder.new_tokens,
+                    "new_tokens_per_s": _rate(decoder.new_tokens, decoder.seconds),
+                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+
+    print(table(args.suite, results))
+    if args.suite == "synthetic":
+        by_type = overall["pass_rate_by_type"]
+        print("pass rate by task type: " + ", ".join(f"{kind} {rate:.3f}" for kind, rate in by_type.items()))
+    if skipped:
+        print(f"skipped {len(skipped)} malformed item(s); see results.json 'skipped'")
+    t = results["timings"]
+    print(f"{args.suite}: {t['new_tokens']} new tokens in {t['generate_s']:.1f} s of decoding "
+          f"({t['new_tokens_per_s'] or 0:.0f} tok/s), {t['evaluate_s']:.1f} s in all; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
