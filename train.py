@@ -1,0 +1,615 @@
+"""Supervised fine-tuning of OPT on ToolBench tool-calling trajectories: the paper's recipe in one loop.
+
+    python train.py --data data/toolbench --out runs/paper            # the paper's recipe (preset paper)
+    python train.py --preset smoke --out runs/smoke                   # tiny, offline, CPU, a few minutes
+    python train.py --data data/toolbench --out runs/paper --resume   # continue a killed run exactly
+    torchrun --nproc_per_node=8 train.py --data data/toolbench --out runs/paper   # data-parallel
+
+The recipe (arXiv 2512.15943, docs/TOOLBENCH.md): full fine-tune of facebook/opt-350m for one epoch of
+ToolBench's DFS trajectories; AdamW (lr 5e-5, weight decay 0.01), 100 warmup steps then linear decay,
+an effective batch of 32 rows, max grad norm 0.3, fp16 mixed precision with dynamic loss scaling.
+
+What one optimizer step is. The paper's rows are step-exploded: a trajectory with k assistant turns
+appears as k rows, each training only its last turn, so a paper step trains 32 assistant turns.
+data/prepare.py collapses a trajectory into one example that trains all its turns (each once, as the
+paper's rows together did), and we pack examples into rows of `max_len` tokens. The total of trained
+tokens per epoch is unchanged; only the repeated context is gone. To keep the optimisation the same,
+a step here holds as many trained turns as a paper step (32): with `--grad-accum auto` (the paper
+preset) we measure trained turns per packed row on the data and take
+    rows per step = 32 x packed rows / trained turns,   grad_accum = rows per step / batch_size,
+so the number of optimizer steps per epoch, the schedule, and the trained tokens behind each update
+match the paper's. The mapping is printed at start.
+
+The loss is the cross-entropy of the trained targets, summed over every micro-batch of the step (on
+every rank) and divided by their number of trained tokens: each trained token weighs the same however
+the tokens fall into micro-batches, as with one big batch.
+
+Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
+bf16 selectable), on CPU fp32; the weights and AdamW's state stay fp32. Under torchrun the global
+batch is unchanged (--grad-accum is split among the processes) and so are the losses. A step whose
+loss or gradient is not finite is skipped and counted; --max-bad-steps of them in a row stop the run.
+--resume restores weights, optimizer, loss scale, schedule, RNG and data position from the latest
+checkpoint, so a killed run logs, once resumed, the losses it would have logged.
+
+Outputs in --out: train_config.json, metrics.jsonl (one JSON object per logged step, eval_loss entries),
+checkpoints/step_XXXXXXXX/ (the last --keep), and final/ (Hugging Face format with the tokenizer).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import slm
+from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
+from slm.weights import resolve_checkpoint
+
+# -------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "paper"
+    # what is trained on what
+    model: str | None = "facebook/opt-350m"  # HF checkpoint dir or hub id; None: random init (smoke)
+    tokenizer: str | None = None     # dir with vocab.json + merges.txt; default: the model's directory
+    data: str | None = None          # shard directory from data/prepare.py
+    out: str = "runs/paper"          # run directory
+    resume: bool = False             # continue from the latest intact checkpoint in out
+    # the paper's optimisation
+    epochs: int = 1
+    max_steps: int | None = None     # stop after this many optimizer steps (the schedule spans them)
+    batch_size: int = 8              # rows per micro-batch and process (packed: max_len tokens a row)
+    grad_accum: int = 0              # micro-batches per optimizer step, all processes together;
+                                     # 0 (auto): as many trained turns per step as `paper_rows` paper rows
+    paper_rows: int = 32             # the paper's effective batch (8 x 4), in its step-exploded rows
+    max_len: int = 2048              # OPT's positions; the shards must be fitted to it
+    packing: bool = True             # pack examples into rows (varlen attention); False: pad per batch
+    lr: float = 5e-5
+    warmup: int = 100                # linear warmup steps, then linear decay to 0
+    weight_decay: float = 0.01       # AdamW, decoupled; biases and LayerNorm weights are exempt
+    grad_clip: float = 0.3           # max global grad norm
+    dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
+    # machinery
+    attn: str = "sdpa"               # eager | sdpa | triton
+    device: str | None = None        # cpu | cuda; None: cuda when available
+    seed: int = 0
+    eval_fraction: float = 0.01      # share of queries held out for eval loss (0: no eval)
+    eval_every: int = 500
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 2                    # checkpoints kept
+    max_bad_steps: int = 20          # consecutive non-finite steps before the run stops
+    smoke_tasks: int = 200           # smoke: synthetic training tasks generated
+
+
+PRESETS = {
+    "paper": TrainConfig(),
+    # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
+    # tasks prepared by data/prepare.py; a few CPU minutes. The loop is the paper's.
+    "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
+                         lr=3e-3, warmup=5, grad_clip=1.0, eval_fraction=0.05, eval_every=25,
+                         log_every=5, save_every=25, smoke_tasks=200),
+}
+SMOKE_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256)
+SMOKE_VOCAB = 4096
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PERF.md). A 8192^3 bf16 matmul reaches
+# about 790 TFLOP/s on an H100 SXM in practice; both ratios are printed.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PRACTICAL_H100_FLOPS = 790e12
+
+
+def grad_accum_arg(text: str) -> int:
+    """--grad-accum: a positive integer, or `auto` (stored as 0)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument  # every default is None: "take the preset's value"
+    a("--preset", choices=PRESETS, default="paper", help="base settings (default paper)")
+    a("--model", help="HF checkpoint dir or hub id (paper: facebook/opt-350m; smoke: random tiny OPT)")
+    a("--tokenizer", help="dir with vocab.json + merges.txt (default: the model's directory)")
+    a("--data", help="shard directory written by data/prepare.py (smoke: generated in OUT/smoke)")
+    a("--out", help="run directory (paper: runs/paper, smoke: runs/smoke)")
+    a("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT")
+    a("--epochs", type=int, help="passes over the data (default 1)")
+    a("--max-steps", type=int, help="optimizer steps to run; the LR schedule spans them (default: epochs)")
+    a("--batch-size", type=int, help="rows per micro-batch per process (paper 8)")
+    a("--grad-accum", type=grad_accum_arg,
+      help="micro-batches per optimizer step over all processes, or 'auto' (paper): 32 paper rows' worth")
+    a("--paper-rows", type=int, help="paper rows per step that 'auto' matches (default 32)")
+    a("--max-len", type=int, help="tokens per row; the shards must be fitted to it (default 2048)")
+    a("--packing", action=argparse.BooleanOptionalAction, default=None,
+      help="pack examples into rows with varlen attention (default) or pad each batch (--no-packing)")
+    a("--lr", type=float, help="peak learning rate (paper 5e-5)")
+    a("--warmup", type=int, help="linear warmup steps (paper 100)")
+    a("--weight-decay", type=float, help="AdamW weight decay (paper 0.01)")
+    a("--grad-clip", type=float, help="max global gradient norm (paper 0.3)")
+    a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
+    a("--attn", choices=("eager", "sdpa", "triton"), help="attention implementation (default sdpa)")
+    a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    a("--seed", type=int, help="seed of init, data order, dropout and eval split (default 0)")
+    a("--eval-fraction", type=float, help="share of queries held out for eval loss (default 0.01)")
+    a("--eval-every", type=int, help="eval loss every N steps and at the end (default 500)")
+    a("--log-every", type=int, help="a log line and a metrics.jsonl entry every N steps (default 10)")
+    a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
+    a("--keep", type=int, help="checkpoints to keep (default 2)")
+    a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
+    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (default 200)")
+    args = vars(p.parse_args(argv))
+    return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
+
+
+# ------------------------------------------------------------------------- schedule, loss, steps, FLOPs
+
+
+def fail(message: str):
+    """Stop before (or instead of) training with a sentence for the user; exit status 1."""
+    raise SystemExit(f"train.py: error: {message}")
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """The learning rate of update number `step` (0-based): linear warmup from 0, then linear to 0.
+
+    This is transformers' get_linear_schedule_with_warmup, which the paper's SFTTrainer used; as there,
+    the first update has lr 0.
+    """
+    if step < cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup))
+
+
+def trained_token_loss(hidden, positions, labels, head_weight) -> torch.Tensor:
+    """Summed cross-entropy of the trained targets: hidden (B, T, e) -> a scalar.
+
+    positions: flat indices into the B*T tokens whose target is trained; labels: their targets.
+    The tied head (vocab x e) is applied at those positions only. In ToolBench rows under 10% of the
+    tokens are trained (system prompt, queries and observations carry no loss), so full logits would
+    spend most of the head's FLOPs, and B*T*50272 floats of memory (3.3 GB for 8x2048 in fp32), on
+    numbers the loss ignores.
+    """
+    h = hidden.flatten(0, 1).index_select(0, positions)          # (n_trained, e)
+    logits = h @ head_weight.T                                    # (n_trained, vocab)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+def micro_batch_loss(model, b, head_weight, device) -> tuple[torch.Tensor, int]:
+    """Summed loss of one micro-batch (a slm.data.Batch) and its number of trained targets.
+
+    `model` may be the DDP wrapper (whose forward synchronises gradients); the head weight is the
+    wrapped model's own tied embedding.
+    """
+    trained = (b.targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # on the CPU: no GPU sync
+    labels = b.targets.flatten()[trained]
+    input_ids = b.input_ids.to(device, non_blocking=True)
+    if b.cu_seqlens is not None:   # packed rows: sequences given by cu_seqlens, attention never crosses
+        hidden = model(input_ids, cu_seqlens=b.cu_seqlens.to(device), max_seqlen=b.max_seqlen,
+                       return_hidden=True)
+    else:                          # padded rows
+        hidden = model(input_ids, attention_mask=b.attention_mask.to(device), return_hidden=True)
+    return trained_token_loss(hidden, trained.to(device), labels.to(device), head_weight), len(labels)
+
+
+def optimizer_steps(loader: PackedLoader, accum: int):
+    """Yield (micro-batches of one optimizer step, loader position after them), forever.
+
+    A step never crosses an epoch boundary: the last step of an epoch takes what is left. Each process
+    count pads an epoch's tail with its own number of filler rows, so this is what makes the rows of
+    every step the same for 1 or N processes. The position is what a checkpoint stores; a micro-batch
+    read ahead from the next epoch is not part of it, so a resumed run reads it again.
+    """
+    batches = iter(loader)
+    carry = None   # (batch, epoch) read ahead: the first micro-batch of the next epoch
+    while True:
+        micro, epoch = ([carry[0]], carry[1]) if carry else ([], None)
+        carry, position = None, None
+        while len(micro) < accum:
+            before = loader.state_dict()
+            b = next(batches)
+            if epoch is not None and loader.epoch != epoch:
+                carry, position = (b, loader.epoch), before
+                break
+            micro.append(b)
+            epoch = loader.epoch
+        yield micro, position or loader.state_dict()
+
+
+def flops_per_token(model: slm.OPT, seq_len: int) -> float:
+    """Training FLOPs per token, 6*N_mm + 12*L*d*T (PERF.md): N_mm counts the weights used in matmuls
+    (every Linear and the tied head, not the position table); the second term is attention's."""
+    n_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_mm += model.lm_head_weight.numel()
+    c = model.config
+    return 6 * n_mm + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A checkpoint appears under its final name only once every
+    file is written (see save_checkpoint), so a name that exists is a checkpoint that is whole."""
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step_[0-9]*")) if root.is_dir() else []
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizer, scaler, cfg, rank, world, keep):
+    """Write into checkpoints/.tmp_step_N, then rename it to step_N: a killed run leaves either the
+    whole checkpoint or a temp dir that resume ignores. Every rank saves its own RNG state."""
+    root = run_dir / "checkpoints"
+    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    # Dropout is the only consumer of random numbers (the loader's order is a function of seed and epoch).
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    barrier(world)
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)   # a re-run of the same step (resume past it)
+        os.rename(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    barrier(world)
+    return final
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def log_line(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- smoke data
+
+
+def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
+    """Synthetic tasks -> ToolLLaMA rows -> (a BPE tokenizer trained on them) -> shards via data/prepare.py.
+
+    Built once per run directory (a resumed run reuses it, so the tokenizer fingerprint holds). The
+    tokenizer is trained only when neither --tokenizer nor --model gave one."""
+    from data import synthetic
+    from data.prepare import prepare
+    from slm import toolbench
+
+    tok_dir, data_dir = Path(cfg.tokenizer or directory / "tokenizer"), directory / "data"
+    if master and not (data_dir / "meta.json").is_file():
+        trajectories = [synthetic.trajectory(t) for t in synthetic.make_tasks("train", cfg.smoke_tasks, cfg.seed)]
+        rows = [row for t in trajectories for row in synthetic.explode(t)]   # ToolBench's released form
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "train.json").write_text(json.dumps(rows))
+        if cfg.tokenizer is None:
+            tok = slm.train_tokenizer((toolbench.render(t) for t in trajectories), SMOKE_VOCAB, tok_dir)
+        else:
+            tok = slm.load_tokenizer(tok_dir)
+        prepare([directory / "train.json"], tok, data_dir, max_len=cfg.max_len, show_progress=False)
+    barrier(world)
+    cfg.tokenizer, cfg.data = str(tok_dir), str(data_dir)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+
+    # ---------------------------------------------------------------------------------------- setup
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but torch sees no CUDA device")
+    device = torch.device(cfg.device, local_rank) if cfg.device == "cuda" else torch.device("cpu")
+    if world > 1:
+        # torchrun: one process per GPU (nccl) or CPU worker (gloo), gradients averaged by DDP.
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    cfg.dtype = cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    amp_dtype = DTYPES[cfg.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on GPU: TF32 tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+
+    run_dir = Path(cfg.out)
+    try:  # an unwritable run directory is found now, not at the first checkpoint
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_rank{rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        fail(f"--out {run_dir} is not a writable directory ({err.strerror})")
+    checkpoints = checkpoint_dirs(run_dir)
+    if checkpoints and not cfg.resume:
+        fail(f"{run_dir} already holds checkpoints ({checkpoints[-1].name}): pass --resume to continue "
+             "that run, or choose another --out")
+
+    # ----------------------------------------------------------------------------------- tokenizer
+    if cfg.tokenizer is None and cfg.model is not None:
+        try:
+            cfg.tokenizer = str(resolve_checkpoint(cfg.model))
+        except slm.CheckpointError as err:
+            fail(f"--model: {err}")
+    if cfg.preset == "smoke" and cfg.data is None:
+        smoke_data(cfg, run_dir / "smoke", master, world)   # sets cfg.data (and cfg.tokenizer if unset)
+    if cfg.tokenizer is None:
+        fail("a randomly initialised model needs --tokenizer DIR")
+    try:
+        tok = slm.load_tokenizer(cfg.tokenizer)
+    except (OSError, ValueError) as err:
+        fail(f"tokenizer: {err}")
+
+    # ---------------------------------------------------------------------------------------- data
+    if cfg.data is None:
+        fail("--data DIR is required: the shard directory written by data/prepare.py")
+    try:
+        dataset = ShardDataset(cfg.data, fingerprint=tok.fingerprint, max_len=cfg.max_len)
+    except FileNotFoundError as err:
+        fail(f"--data: {err}")
+    except ValueError as err:
+        fail(f"--data {cfg.data} does not fit this run (tokenizer {cfg.tokenizer}, --max-len {cfg.max_len}): {err}")
+    train_idx, eval_idx = split_by_query(dataset, cfg.eval_fraction, cfg.seed)
+    if len(train_idx) == 0:
+        fail(f"--data {cfg.data} holds no training examples")
+    mode = "packed" if cfg.packing else "padded"
+    # Each process reads its own slice of every global micro-batch; with the same global batch the
+    # steps see the same rows whatever the number of processes.
+    loader = PackedLoader(dataset, seq_len=cfg.max_len, rows=cfg.batch_size, seed=cfg.seed,
+                          indices=train_idx, mode=mode, rank=rank, world_size=world, epochs=None)
+    # The held-out split is small (1% of queries): its batches are built once and kept.
+    eval_batches = list(PackedLoader(dataset, seq_len=cfg.max_len, rows=cfg.batch_size, seed=cfg.seed,
+                                     indices=eval_idx, mode=mode, rank=rank, world_size=world, epochs=1)
+                        ) if len(eval_idx) else []
+    stats = dataset.stats
+    rows_per_epoch = len(loader) * cfg.batch_size * world
+    # Trained turns of the training split: each paper row trains exactly one turn (see the docstring).
+    turns = stats["trained_turns"] * len(train_idx) / len(dataset)
+    paper_steps = turns / cfg.paper_rows
+    if cfg.grad_accum == 0:
+        cfg.grad_accum = max(world, round(rows_per_epoch / paper_steps / cfg.batch_size / world) * world)
+    if cfg.grad_accum % world:
+        fail(f"--grad-accum {cfg.grad_accum} is not divisible by the {world} processes: the global batch "
+             "is split evenly (choose a multiple, or change --batch-size)")
+    accum = cfg.grad_accum // world                       # micro-batches per step on this process
+    steps_per_epoch = -(-len(loader) // accum)            # the last step of an epoch may be short
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    if total_steps < 1:
+        fail(f"nothing to train: {total_steps} steps (--epochs {cfg.epochs}, --max-steps {cfg.max_steps})")
+
+    # --------------------------------------------------------------------------------------- model
+    torch.manual_seed(cfg.seed)
+    if cfg.model is None:
+        vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
+        model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), attn=cfg.attn)
+        model.init_weights(cfg.seed)
+    else:
+        try:
+            model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", attn=cfg.attn)
+        except (slm.CheckpointError, ValueError, OSError) as err:
+            fail(f"--model: {err}")
+    if tok.vocab_size > model.config.vocab_size:
+        fail(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} ids but the model's embedding only "
+             f"{model.config.vocab_size}: they do not belong together")
+    if cfg.max_len > model.config.max_position_embeddings:
+        fail(f"--max-len {cfg.max_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    model.to(device).train()           # fp32 master weights; autocast computes in cfg.dtype
+    raw_model = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per process, as the data does
+
+    # ----------------------------------------------------------------------------------- optimizer
+    # Transformers' Trainer (the paper's) exempts biases and LayerNorm weights from weight decay: the
+    # 1-D parameters here. Embeddings (the tied head included) decay, as they did there.
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    # fp16 needs dynamic loss scaling (gradients underflow otherwise); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")
+
+    # -------------------------------------------------------------------------------------- resume
+    step, state = 0, {"skipped_steps": 0, "tokens": 0, "trained_tokens": 0}
+    metrics_path = run_dir / "metrics.jsonl"
+    if cfg.resume and checkpoints:
+        ckpt = checkpoints[-1]
+        raw_model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        try:
+            loader.load_state_dict(state.pop("loader"))
+        except ValueError as err:
+            fail(f"cannot resume {ckpt}: {err}")
+        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        step = state.pop("step")
+        saved = json.loads((ckpt / "config.json").read_text())
+        changed = {k: (saved[k], v) for k, v in asdict(cfg).items()
+                   if k in saved and saved[k] != v and k not in ("resume", "max_steps", "out")}
+        if changed:
+            say(f"warning: resuming with settings that differ from the checkpoint's: {changed}")
+        if master:  # the killed run may have logged past its last checkpoint: those lines go
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= step] if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+        say(f"resumed from {ckpt} at step {step}")
+    elif cfg.resume:
+        say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+    if master and step == 0:
+        metrics_path.write_text("")
+    if master:
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+
+    flop_per_token = flops_per_token(raw_model, cfg.max_len)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda"
+                 and k in torch.cuda.get_device_name(device)), None)
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    say("config " + json.dumps(asdict(cfg)))
+    say(f"data: {len(train_idx)} train / {len(eval_idx)} held-out examples from {stats['rows_used']} rows "
+        f"({stats['trained_turns']} trained turns); {rows_per_epoch} {mode} rows of {cfg.max_len} per epoch")
+    say(f"step: {cfg.batch_size} rows x {cfg.grad_accum} micro-batches ({world} process(es)) = "
+        f"{rows_per_step} {mode} rows, holding {rows_per_step * turns / rows_per_epoch:.1f} trained turns "
+        f"on average = as many paper rows (paper: {cfg.paper_rows}); {steps_per_epoch} steps/epoch "
+        f"(paper-equivalent: {paper_steps:.0f}), {total_steps} steps in all")
+    say(f"model: {raw_model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
+        f"{cfg.dtype} on {device}, attn {cfg.attn}")
+
+    # ------------------------------------------------------------------------------------ training
+    def evaluate() -> float:
+        """Mean loss per trained token over the held-out split (every process takes its share)."""
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)   # (loss sum, trained tokens)
+        with torch.no_grad(), autocast:
+            for b in eval_batches:
+                loss_sum, n = micro_batch_loss(raw_model, b, raw_model.lm_head_weight, device)
+                total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=device)])
+        if world > 1:
+            dist.all_reduce(total)
+        model.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    steps = optimizer_steps(loader, accum)
+    bad_in_a_row, last_eval, loss_value = 0, None, float("nan")
+    t_start = t_last = time.perf_counter()
+    tokens_last, trained_last, step_start = state["tokens"], state["trained_tokens"], step
+    tokens_start = state["tokens"]
+    bar = tqdm(total=total_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
+    while step < total_steps:
+        micro, position = next(steps)
+        # Normalise by the trained tokens of the whole step, on every process: known before backward.
+        n_trained = torch.tensor([sum(b.n_trained for b in micro), sum(b.n_tokens for b in micro)],
+                                 dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(n_trained)
+        step_trained, step_tokens = int(n_trained[0]), int(n_trained[1])
+        loss_total = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            # DDP all-reduces gradients only on the last micro-batch; the others accumulate locally.
+            sync = i == len(micro) - 1 or world == 1
+            with nullcontext() if sync else model.no_sync():
+                with autocast:
+                    loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device)
+                # DDP averages over processes; x world turns that back into the step's sum.
+                loss = loss_sum * (world / max(step_trained, 1))
+                scaler.scale(loss).backward()
+            loss_total += loss_sum.detach()
+        if world > 1:
+            dist.all_reduce(loss_total)
+        scaler.unscale_(optimizer)           # true gradients, for clipping (no-op unless fp16)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_value = loss_total.item() / max(step_trained, 1)
+        # One host sync per step: a non-finite loss or gradient skips the update on every process alike
+        # (gnorm is computed from all-reduced gradients, loss_total was all-reduced).
+        finite = math.isfinite(loss_value) and math.isfinite(gnorm.item())
+        if finite:
+            scaler.step(optimizer)
+            bad_in_a_row = 0
+        else:  # the schedule still advances, as in transformers' Trainer after an fp16 overflow
+            state["skipped_steps"] += 1
+            bad_in_a_row += 1
+        scaler.update()                      # fp16: halves the scale after an overflow, grows it later
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["tokens"] += step_tokens
+        state["trained_tokens"] += step_trained
+        bar.update()
+        if bad_in_a_row >= cfg.max_bad_steps:
+            last = checkpoint_dirs(run_dir)
+            bar.close()
+            fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}: loss "
+                 f"{loss_value}, grad norm {gnorm.item()}); stopping. The last good checkpoint is "
+                 f"{last[-1] if last else 'none (no checkpoint was written yet)'}; try a lower --lr or --dtype bf16")
+
+        # ------------------------------------------------------------------------ log, eval, save
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            dt = now - t_last
+            tok_s = (state["tokens"] - tokens_last) / dt
+            trained_s = (state["trained_tokens"] - trained_last) / dt
+            t_last, tokens_last, trained_last = now, state["tokens"], state["trained_tokens"]
+            if device.type == "cuda":
+                mem = torch.cuda.max_memory_allocated(device) / 2**30
+            else:   # Linux reports ru_maxrss in KiB
+                mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            record = {"step": step, "loss": loss_value, "lr": lr, "gnorm": gnorm.item(),
+                      "tok_s": tok_s, "trained_tok_s": trained_s, "peak_mem_gib": mem,
+                      "skipped_steps": state["skipped_steps"]}
+            mfu = ""
+            if peak:
+                record["mfu"] = flop_per_token * tok_s / peak
+                mfu = (f" | mfu {record['mfu']:.1%} ({flop_per_token * tok_s / PRACTICAL_H100_FLOPS:.1%} "
+                       "of a 790 TF matmul)")
+            if master:
+                log_line(metrics_path, record)
+                bar.write(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm {gnorm.item():.3f} | "
+                          f"tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
+                          + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
+        if eval_batches and (step % cfg.eval_every == 0 or step == total_steps):
+            last_eval = evaluate()
+            if master:
+                log_line(metrics_path, {"step": step, "eval_loss": last_eval})
+                bar.write(f"step {step:6d} | eval_loss {last_eval:.4f}")
+        if step % cfg.save_every == 0 or step == total_steps:
+            save_checkpoint(run_dir, step, {"step": step, "loader": position, **state},
+                            raw_model, optimizer, scaler, cfg, rank, world, cfg.keep)
+    bar.close()
+
+    # ------------------------------------------------------------------------------ export, summary
+    if master:
+        tmp, final = run_dir / "final.tmp", run_dir / "final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        slm.save_model(raw_model, tmp, tokenizer=tok)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    elapsed = time.perf_counter() - t_start
+    ran = step - step_start
+    say(f"done: {step} steps ({ran} this run) in {elapsed:.1f} s | last loss {loss_value:.4f}"
+        + (f" | eval_loss {last_eval:.4f}" if last_eval is not None else "")
+        + f" | {state['tokens']:,} tokens, {state['trained_tokens']:,} trained | "
+        f"{(state['tokens'] - tokens_start) / elapsed:,.0f} tok/s this run | skipped steps "
+        f"{state['skipped_steps']} | exported {run_dir / 'final'}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
