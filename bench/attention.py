@@ -51,6 +51,7 @@ from kernels import (  # noqa: E402
     flash_attention_varlen,
     interpreter_fix,
 )
+from kernels.reference import outputs_and_gradients  # noqa: E402
 # The module itself (kernels and launch_config); `kernels.flash_attention` is the function.
 fa = importlib.import_module("kernels.flash_attention")
 
@@ -89,14 +90,7 @@ def compare(kernel_fn, reference_fn, inputs) -> dict:
     """{name: (max |kernel - fp32 reference|, within tolerance)} for the output and each gradient,
     under one shared upstream gradient."""
     atol, rtol = GPU_TOLERANCES[inputs[0].dtype]
-    q, k, v = (x.clone().requires_grad_() for x in inputs)
-    out = kernel_fn(q, k, v)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in inputs)
-    ref = reference_fn(q32, k32, v32)
-    ref.backward(grad_out.float())
-    pairs = {"out": (out, ref), "dq": (q.grad, q32.grad), "dk": (k.grad, k32.grad), "dv": (v.grad, v32.grad)}
+    pairs = outputs_and_gradients(kernel_fn, reference_fn, inputs)
     result = {}
     for name, (actual, expected) in pairs.items():
         diff = (actual.float() - expected).abs()

@@ -35,3 +35,16 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
         seq = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
         outputs.append(attention_reference(*seq, causal=causal, sm_scale=sm_scale)[0].transpose(0, 1))
     return torch.cat(outputs, dim=0)
+
+
+def outputs_and_gradients(kernel_fn, reference_fn, inputs) -> dict:
+    """{"out"|"dq"|"dk"|"dv": (kernel's, fp32 reference's)} for q, k, v = `inputs`, both backpropagating
+    the same random upstream gradient. Shared by the tests and the benchmark's correctness check."""
+    q, k, v = (x.clone().requires_grad_() for x in inputs)
+    out = kernel_fn(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in inputs)
+    ref = reference_fn(q32, k32, v32)
+    ref.backward(grad_out.float())
+    return {"out": (out, ref), "dq": (q.grad, q32.grad), "dk": (k.grad, k32.grad), "dv": (v.grad, v32.grad)}

@@ -32,6 +32,7 @@ from kernels import (  # noqa: E402
     interpreter_fix,
 )
 from kernels.flash_attention import launch_config  # noqa: E402
+from kernels.reference import outputs_and_gradients  # noqa: E402
 
 interpreter_fix.apply()  # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
 
@@ -61,18 +62,10 @@ def assert_close(name, actual, expected, atol, rtol):
 
 def check_against_reference(kernel_fn, reference_fn, inputs, atol, rtol):
     """Run kernel and fp32 reference on the same values with the same upstream gradient; compare all."""
-    q, k, v = (x.clone().requires_grad_() for x in inputs)
-    out = kernel_fn(q, k, v)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in inputs)
-    ref = reference_fn(q32, k32, v32)
-    ref.backward(grad_out.float())
-
+    results = outputs_and_gradients(kernel_fn, reference_fn, inputs)
+    out, ref = results["out"]
     assert out.dtype == inputs[0].dtype and out.shape == ref.shape
-    for name, actual, expected in (("out", out, ref), ("dq", q.grad, q32.grad), ("dk", k.grad, k32.grad),
-                                   ("dv", v.grad, v32.grad)):
+    for name, (actual, expected) in results.items():
         assert_close(name, actual, expected, atol, rtol)
 
 
