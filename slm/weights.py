@@ -213,6 +213,8 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     tok.save(out_dir)
+    if tok.isolate is not None:  # merges across words: transformers' GPT2Tokenizer cannot reproduce it
+        return
     # What transformers' AutoTokenizer needs to build OPT's tokenizer from vocab.json + merges.txt.
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False,

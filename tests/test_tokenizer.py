@@ -5,6 +5,7 @@ import json
 import pytest
 
 import slm
+from slm.tokenizer import NAMES, names_pattern
 from conftest import shared_path
 
 # docs/OPT.md section 3: ids that transformers' OPT tests hard-code.
@@ -60,3 +61,44 @@ def test_trained_tokenizer_keeps_opt_special_ids(tmp_path):
     ids = tok.encode(corpus[0])
     assert ids[0] == 2 and ids[-1] == 2 and tok.decode(ids[1:]) == corpus[0]
     assert slm.load_tokenizer(tmp_path).fingerprint == tok.fingerprint
+
+
+def test_trained_tokenizer_with_merges_across_words(tmp_path):
+    corpus = ["You are AutoGPT, you can use many tools.\nAction: get_weather_for_demo</s>",
+              'What is the size of the city Brakai? Action: city_size_for_zabrus_cities {"city": "Brakai"} 1234'] * 50
+    tok = slm.train_tokenizer(corpus, vocab_size=400, out_dir=tmp_path / "tok", isolate=NAMES)
+    assert tok.isolate == NAMES
+    ids = tok.encode(corpus[0], add_bos=False)
+    assert len(ids) < len(corpus[0].split()) + 6     # lowercase phrases became single tokens
+    assert ids[-1] == 2 and tok.decode(ids) == corpus[0]
+    # Names, function-name parts and numbers get the same tokens in any context: copyable.
+    # (with merges free to span them, " Brakai" and '"Brakai' would be single tokens here)
+    for text in ("call get_rain_for_zabrus with 1234 on Brakai", 'x: "Brakai", rain_for_zabrus_units, n=1234'):
+        ids = tok.encode(text, add_bos=False)
+        for name in ("Brakai", "_zabrus", "1234"):
+            alone = tok.encode(name, add_bos=False)
+            assert any(ids[i:i + len(alone)] == alone for i in range(len(ids))), (text, name)
+    tok.save(tmp_path / "copy")                      # the regex travels with the files
+    copy = slm.load_tokenizer(tmp_path / "copy")
+    assert copy.encode(corpus[0]) == tok.encode(corpus[0]) and copy.fingerprint == tok.fingerprint
+    for bad, message in (('{"isolate": 3}', "isolate must be a non-empty regex"),
+                         ('{"split": "x"}', "expected"), ('{"isolate": "(["}', "not a valid regex")):
+        (tmp_path / "copy" / "pretokenizer.json").write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            slm.load_tokenizer(tmp_path / "copy")
+
+
+def test_names_pattern_leaves_the_corpus_words_free_to_merge(tmp_path):
+    corpus = [f"Thought: I call the Action now.\nAction: get_{name.lower()}\nName: {name}</s>"
+              for name in ("Brakai", "Zefor", "Tillou", "Moxa", "Pradin")] * 20
+    pattern = names_pattern(corpus, min_share=0.5)
+    isolated = slm.train_tokenizer(corpus, vocab_size=300, out_dir=tmp_path / "a", isolate=NAMES)
+    merged = slm.train_tokenizer(corpus, vocab_size=300, out_dir=tmp_path / "b", isolate=pattern)
+    text = corpus[0]
+    assert len(merged.encode(text)) < len(isolated.encode(text))   # "Thought", "Action" merge on
+    for tok in (isolated, merged):
+        ids = tok.encode("Name: Quorin and Brakai", add_bos=False)
+        for name in ("Brakai", "Quorin"):                          # names stay whole-word pieces
+            alone = tok.encode(name, add_bos=False)
+            assert any(ids[i:i + len(alone)] == alone for i in range(len(ids)))
+    assert names_pattern(["no capitals here"]) == NAMES
