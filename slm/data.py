@@ -4,7 +4,7 @@
     ds = ShardDataset("data/toolbench", fingerprint=tok.fingerprint, max_len=2048)
     train_idx, eval_idx = split_by_query(ds, eval_fraction=0.01, seed=0)
     loader = PackedLoader(ds, seq_len=2048, rows=8, seed=0, indices=train_idx, rank=0, world_size=1)
-    for batch in loader:          # Batch(input_ids, targets, cu_seqlens, max_seqlen, attention_mask, ...)
+    for batch in loader:          # Batch(input_ids, targets, lm_targets, cu_seqlens, ...)
         ...
     state = loader.state_dict()   # save with the checkpoint; loader.load_state_dict(state) resumes
 
@@ -154,6 +154,7 @@ def split_by_query(ds: ShardDataset, eval_fraction: float, seed: int = 0) -> tup
 class Batch:
     input_ids: torch.Tensor             # (B, T) int64
     targets: torch.Tensor               # (B, T) int64, IGNORE_INDEX where no loss
+    lm_targets: torch.Tensor            # (B, T) int64, every next token of an example (language modelling)
     cu_seqlens: torch.Tensor | None     # packed: int32 (N+1,) over the flattened B*T tokens; padded: None
     max_seqlen: int                     # longest segment (packed) or longest example (padded)
     attention_mask: torch.Tensor | None # padded: (B, T) int64, 1 = real token; packed: None
@@ -240,10 +241,10 @@ class PackedLoader:
                 yield batch
             self.epoch, self.step = self.epoch + 1, 0
 
-    def _shifted(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _shifted(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Example i as (inputs, trained targets, every next token)."""
         ids, mask = self.dataset[i]
-        targets = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
-        return ids[:-1], targets
+        return ids[:-1], np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX), ids[1:]
 
     def _batch(self, rows: list[list[int]]) -> Batch:
         if self.mode == "padded":
@@ -251,38 +252,42 @@ class PackedLoader:
         T = self.seq_len
         input_ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)
         targets = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        lm_targets = targets.copy()
         cu, n_tokens = [0], 0
         for r, row in enumerate(rows):
             pos = 0
             for i in row:
-                inputs, tgt = self._shifted(i)
+                inputs, tgt, lm = self._shifted(i)
                 input_ids[r, pos:pos + len(inputs)] = inputs
                 targets[r, pos:pos + len(inputs)] = tgt
+                lm_targets[r, pos:pos + len(inputs)] = lm
                 pos += len(inputs)
                 cu.append(r * T + pos)
             n_tokens += pos
             if pos < T:  # the padding tail is its own segment, so no real token attends to it
                 cu.append((r + 1) * T)
         cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-        return Batch(torch.from_numpy(input_ids), torch.from_numpy(targets), cu_seqlens,
-                     int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), None,
+        return Batch(torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(lm_targets),
+                     cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()), None,
                      int((targets != IGNORE_INDEX).sum()), n_tokens)
 
     def _padded_batch(self, rows: list[list[int]]) -> Batch:
         examples = [self._shifted(row[0]) for row in rows if row]
-        T = max((len(x) for x, _ in examples), default=1)
+        T = max((len(x) for x, _, _ in examples), default=1)
         input_ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)
         targets = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        lm_targets = targets.copy()
         attention_mask = np.zeros((len(rows), T), dtype=np.int64)
-        for r, (inputs, tgt) in enumerate(examples):
+        for r, (inputs, tgt, lm) in enumerate(examples):
             input_ids[r, :len(inputs)] = inputs
             targets[r, :len(inputs)] = tgt
+            lm_targets[r, :len(inputs)] = lm
             attention_mask[r, :len(inputs)] = 1
         # A filler row keeps its first token visible: a row with every key masked would give NaNs.
         attention_mask[len(examples):, 0] = 1
-        return Batch(torch.from_numpy(input_ids), torch.from_numpy(targets), None, T,
-                     torch.from_numpy(attention_mask), int((targets != IGNORE_INDEX).sum()),
-                     int(sum(len(x) for x, _ in examples)))
+        return Batch(torch.from_numpy(input_ids), torch.from_numpy(targets), torch.from_numpy(lm_targets),
+                     None, T, torch.from_numpy(attention_mask), int((targets != IGNORE_INDEX).sum()),
+                     int(sum(len(x) for x, _, _ in examples)))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "mode": self.mode,

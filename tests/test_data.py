@@ -56,8 +56,8 @@ def test_shard_errors(shards, tmp_path):
 
 def _segments(batch):
     cu = batch.cu_seqlens.tolist()
-    flat_in, flat_tg = batch.input_ids.flatten().tolist(), batch.targets.flatten().tolist()
-    return [(flat_in[a:b], flat_tg[a:b]) for a, b in zip(cu, cu[1:])]
+    flat = [t.flatten().tolist() for t in (batch.input_ids, batch.targets, batch.lm_targets)]
+    return [tuple(f[a:b] for f in flat) for a, b in zip(cu, cu[1:])]
 
 
 def test_packing_boundaries_and_shift(shards):
@@ -67,20 +67,22 @@ def test_packing_boundaries_and_shift(shards):
     T = 64
     for batch in loader:
         B = batch.input_ids.shape[0]
-        assert batch.input_ids.shape == batch.targets.shape == (2, T) and batch.attention_mask is None
+        assert batch.input_ids.shape == batch.targets.shape == batch.lm_targets.shape == (2, T)
+        assert batch.attention_mask is None
         cu = batch.cu_seqlens
         assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == B * T
         assert set(range(0, B * T + 1, T)) <= set(cu.tolist())   # every row boundary is a boundary
         assert batch.max_seqlen == int((cu[1:] - cu[:-1]).max())
         assert batch.n_trained == int((batch.targets != IGNORE_INDEX).sum())
         real = 0
-        for inputs, targets in _segments(batch):
+        for inputs, targets, lm_targets in _segments(batch):
             if inputs[0] == PAD_ID:   # a padding tail: its own segment, no loss
-                assert set(inputs) == {PAD_ID} and set(targets) == {IGNORE_INDEX}
+                assert set(inputs) == {PAD_ID} and set(targets) == set(lm_targets) == {IGNORE_INDEX}
                 continue
             i = next(k for k, (ids, _) in enumerate(examples) if ids[:-1] == inputs)
             ids, mask = examples[i]
             assert targets == [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+            assert lm_targets == ids[1:]   # every next token of its own example, none of the next one
             seen.append(i)
             real += len(inputs)
         assert batch.n_tokens == real
@@ -102,6 +104,7 @@ def test_padded_mode(shards):
             ids, mask = next(e for e in examples if e[0][:-1] == inputs)
             assert batch.input_ids[r, n:].eq(PAD_ID).all() and batch.targets[r, n:].eq(IGNORE_INDEX).all()
             assert batch.targets[r, :n].tolist() == [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+            assert batch.lm_targets[r, :n].tolist() == ids[1:] and batch.lm_targets[r, n:].eq(IGNORE_INDEX).all()
             seen += 1
         assert batch.max_seqlen == batch.input_ids.shape[1]
     assert seen == len(examples)
