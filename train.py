@@ -24,6 +24,14 @@ The loss is the cross-entropy of the trained targets, summed over every micro-ba
 every rank) and divided by their number of trained tokens: each trained token weighs the same however
 the tokens fall into micro-batches, as with one big batch.
 
+Language-model warm-up (--lm-fraction, smoke only). opt-350m arrives pretrained: the heads that copy
+a name, a number or a function name from earlier in the context (induction heads) come from its
+pretraining, and SFT only has to point them at the right places. A randomly initialised smoke model has
+none, and the assistant turns alone (~20% of the tokens) are too weak a signal for them to form in CPU
+minutes. So the smoke preset first trains on every token of its corpus (plain language modelling, where
+each name recurs in the query, the thought, the call and the answer), then on the assistant turns only,
+as the paper. The eval loss is always that of the trained turns.
+
 Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
 bf16 selectable), on CPU fp32; the weights and AdamW's state stay fp32. Under torchrun the global
 batch is unchanged (--grad-accum is split among the processes) and so are the losses. A step whose
@@ -54,6 +62,7 @@ from tqdm import tqdm
 
 import slm
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
+from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
 
 # -------------------------------------------------------------------------------------------- config
@@ -81,6 +90,7 @@ class TrainConfig:
     warmup: int = 100                # linear warmup steps, then linear decay to 0
     weight_decay: float = 0.01       # AdamW, decoupled; biases and LayerNorm weights are exempt
     grad_clip: float = 0.3           # max global grad norm
+    lm_fraction: float = 0.0         # share of the steps, first, whose loss covers every token (see above)
     dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
     # machinery
     attn: str = "sdpa"               # eager | sdpa | triton
@@ -100,10 +110,11 @@ PRESETS = {
     # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
     # tasks prepared by data/prepare.py; a few CPU minutes. The loop is the paper's.
     "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
-                         lr=3e-3, warmup=5, grad_clip=1.0, eval_fraction=0.05, eval_every=25,
-                         log_every=5, save_every=25, smoke_tasks=200),
+                         max_len=512, epochs=6, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.6,
+                         eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
+                         smoke_tasks=3000),
 }
-SMOKE_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256)
+SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PERF.md). A 8192^3 bf16 matmul reaches
@@ -144,6 +155,8 @@ def parse_args(argv=None) -> TrainConfig:
     a("--warmup", type=int, help="linear warmup steps (paper 100)")
     a("--weight-decay", type=float, help="AdamW weight decay (paper 0.01)")
     a("--grad-clip", type=float, help="max global gradient norm (paper 0.3)")
+    a("--lm-fraction", type=float,
+      help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.6)")
     a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
     a("--attn", choices=("eager", "sdpa", "triton"), help="attention implementation (default sdpa)")
     a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -154,7 +167,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
     a("--keep", type=int, help="checkpoints to keep (default 2)")
     a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
-    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (default 200)")
+    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 3000)")
     args = vars(p.parse_args(argv))
     return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
 
@@ -192,14 +205,15 @@ def trained_token_loss(hidden, positions, labels, head_weight) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def micro_batch_loss(model, b, head_weight, device) -> tuple[torch.Tensor, int]:
+def micro_batch_loss(model, b, head_weight, device, lm: bool = False) -> tuple[torch.Tensor, int]:
     """Summed loss of one micro-batch (a slm.data.Batch) and its number of trained targets.
 
     `model` may be the DDP wrapper (whose forward synchronises gradients); the head weight is the
-    wrapped model's own tied embedding.
+    wrapped model's own tied embedding. lm: every next token is a target, not only the trained turns.
     """
-    trained = (b.targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # on the CPU: no GPU sync
-    labels = b.targets.flatten()[trained]
+    targets = b.lm_targets if lm else b.targets
+    trained = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # on the CPU: no GPU sync
+    labels = targets.flatten()[trained]
     input_ids = b.input_ids.to(device, non_blocking=True)
     if b.cu_seqlens is not None:   # packed rows: sequences given by cu_seqlens, attention never crosses
         hidden = model(input_ids, cu_seqlens=b.cu_seqlens.to(device), max_seqlen=b.max_seqlen,
@@ -311,7 +325,10 @@ def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "train.json").write_text(json.dumps(rows))
         if cfg.tokenizer is None:
-            tok = slm.train_tokenizer((toolbench.render(t) for t in trajectories), SMOKE_VOCAB, tok_dir)
+            # Merges may span words: ToolBench's fixed instructions become a few tokens (slm/tokenizer.py).
+            texts = [toolbench.render(t) for t in trajectories]
+            tok = slm.train_tokenizer(texts, SMOKE_VOCAB, tok_dir, isolate=names_pattern(texts),
+                                      max_token_chars=256)
         else:
             tok = slm.load_tokenizer(tok_dir)
         prepare([directory / "train.json"], tok, data_dir, max_len=cfg.max_len, show_progress=False)
@@ -405,6 +422,9 @@ def main(argv=None):
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     if total_steps < 1:
         fail(f"nothing to train: {total_steps} steps (--epochs {cfg.epochs}, --max-steps {cfg.max_steps})")
+    if not 0.0 <= cfg.lm_fraction <= 1.0:
+        fail(f"--lm-fraction {cfg.lm_fraction} is not a share between 0 and 1")
+    lm_steps = round(cfg.lm_fraction * total_steps)
 
     # --------------------------------------------------------------------------------------- model
     torch.manual_seed(cfg.seed)
@@ -512,8 +532,11 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
     while step < total_steps:
         micro, position = next(steps)
+        lm = step < lm_steps
         # Normalise by the trained tokens of the whole step, on every process: known before backward.
-        n_trained = torch.tensor([sum(b.n_trained for b in micro), sum(b.n_tokens for b in micro)],
+        # In language modelling every input token has its next token as target: n_tokens of them.
+        n_trained = torch.tensor([sum(b.n_tokens if lm else b.n_trained for b in micro),
+                                  sum(b.n_tokens for b in micro)],
                                  dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(n_trained)
@@ -524,7 +547,7 @@ def main(argv=None):
             sync = i == len(micro) - 1 or world == 1
             with nullcontext() if sync else model.no_sync():
                 with autocast:
-                    loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device)
+                    loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device, lm)
                 # DDP averages over processes; x world turns that back into the step's sum.
                 loss = loss_sum * (world / max(step_trained, 1))
                 scaler.scale(loss).backward()
@@ -570,8 +593,8 @@ def main(argv=None):
                 mem = torch.cuda.max_memory_allocated(device) / 2**30
             else:   # Linux reports ru_maxrss in KiB
                 mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            record = {"step": step, "loss": loss_value, "lr": lr, "gnorm": gnorm.item(),
-                      "tok_s": tok_s, "trained_tok_s": trained_s, "peak_mem_gib": mem,
+            record = {"step": step, "loss": loss_value, "objective": "lm" if lm else "turns",
+                      "lr": lr, "gnorm": gnorm.item(), "tok_s": tok_s, "trained_tok_s": trained_s, "peak_mem_gib": mem,
                       "skipped_steps": state["skipped_steps"]}
             mfu = ""
             if peak:
@@ -580,7 +603,7 @@ def main(argv=None):
                        "of a 790 TF matmul)")
             if master:
                 log_line(metrics_path, record)
-                bar.write(f"step {step:6d} | loss {loss_value:.4f} | lr {lr:.2e} | gnorm {gnorm.item():.3f} | "
+                bar.write(f"step {step:6d} | {'lm ' if lm else ''}loss {loss_value:.4f} | lr {lr:.2e} | gnorm {gnorm.item():.3f} | "
                           f"tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
                           + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
         if eval_batches and (step % cfg.eval_every == 0 or step == total_steps):

@@ -57,8 +57,8 @@ TASK_WEIGHTS = (2, 3, 2, 1, 1)
 CATEGORY = "Synthetic"
 # Sampled sizes. Every function adds ~95 tokens to the system prompt (ToolBench's schema wrapper) on
 # top of ~560 fixed tokens (instructions and Finish), so small counts keep prompts short for a tiny model.
-TOOLS_PER_TASK = (2, 2, 2, 2, 3, 4)
-FUNCTIONS_PER_TOOL = (2, 2, 2, 3)
+TOOLS_PER_TASK = (2, 2, 2, 3)
+FUNCTIONS_PER_TOOL = (2, 2, 3)
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary: domains with numeric fields, unit conversions, calculator and text operations

@@ -161,6 +161,30 @@ def test_grad_accumulation_equals_one_big_batch(run_4x2, sft_data, models, tmp_p
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_language_model_warmup_trains_every_token_then_the_turns(run_4x2, sft_data, models, tmp_path):
+    run_train(["--model", str(models["plain"]), "--data", str(sft_data), "--out", str(tmp_path), *RUN_8_ROWS,
+               "--batch-size", "4", "--grad-accum", "2", "--lm-fraction", "0.5"])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["objective"] for r in lines if "loss" in r] == ["lm", "turns"]
+    # The eval loss stays that of the trained turns (the same at step 2 would need the same weights).
+    assert "eval_loss" in lines[-1]
+
+    # Step 1 from scratch: the same rows as the run's, every next token within an example a target.
+    dataset = ShardDataset(sft_data)
+    train_idx, _ = train.split_by_query(dataset, 0.3, 0)
+    loader = PackedLoader(dataset, seq_len=2048, rows=4, seed=0, indices=train_idx, epochs=None)
+    model = slm.load_model(models["plain"])
+    batches, total, count = iter(loader), 0.0, 0
+    with torch.no_grad():
+        for b in (next(batches), next(batches)):   # the step's two micro-batches
+            logits = model(b.input_ids, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+            total += F.cross_entropy(logits.flatten(0, 1), b.lm_targets.flatten(), reduction="sum").item()
+            count += int((b.lm_targets != IGNORE_INDEX).sum())
+    # At random init the turns' loss is close (10.8253 vs 10.8276 here): the tolerance must be tight.
+    assert losses(tmp_path)[1] == pytest.approx(total / count, rel=1e-5)
+    assert losses(run_4x2)[1] != pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.parametrize("flags", [["--no-packing"], ["--dtype", "bf16"], ["--dtype", "fp16"]])
 def test_padded_batches_and_half_precision_train(flags, sft_data, models, tmp_path):
     run_train(["--model", str(models["plain"]), "--data", str(sft_data), "--out", str(tmp_path), *flags,
