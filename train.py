@@ -594,8 +594,8 @@ def main(argv=None):
             else:   # Linux reports ru_maxrss in KiB
                 mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             record = {"step": step, "loss": loss_value, "objective": "lm" if lm else "turns",
-                      "lr": lr, "gnorm": gnorm.item(), "tok_s": tok_s, "trained_tok_s": trained_s, "peak_mem_gib": mem,
-                      "skipped_steps": state["skipped_steps"]}
+                      "lr": lr, "gnorm": gnorm.item(), "tok_s": tok_s, "trained_tok_s": trained_s,
+                      "peak_mem_gib": mem, "skipped_steps": state["skipped_steps"]}
             mfu = ""
             if peak:
                 record["mfu"] = flop_per_token * tok_s / peak
@@ -603,8 +603,8 @@ def main(argv=None):
                        "of a 790 TF matmul)")
             if master:
                 log_line(metrics_path, record)
-                bar.write(f"step {step:6d} | {'lm ' if lm else ''}loss {loss_value:.4f} | lr {lr:.2e} | gnorm {gnorm.item():.3f} | "
-                          f"tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
+                bar.write(f"step {step:6d} | {'lm ' if lm else ''}loss {loss_value:.4f} | lr {lr:.2e} | "
+                          f"gnorm {gnorm.item():.3f} | tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
                           + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
         if eval_batches and (step % cfg.eval_every == 0 or step == total_steps):
             last_eval = evaluate()

@@ -39,7 +39,8 @@ PRETOKENIZER_FILE = "pretokenizer.json"  # {"isolate": regex} for a tokenizer wh
 # What a tool-calling model copies: words with a capital (entities, tool names), the parts of function
 # names (city, _population, _for, _zabrus, _cities: `_` leads a part, so the next part follows from the
 # token before it), and digit runs.
-_CAPITALISED = r"(?<![A-Za-z]){common}[A-Za-z]*[A-Z][A-Za-z]*"
+_CAPITAL_WORD = r"[A-Za-z]*[A-Z][A-Za-z]*"
+_CAPITALISED = r"(?<![A-Za-z]){common}" + _CAPITAL_WORD
 _PIECES = r"|[a-z]+(?=_)|_[a-z]*|[0-9]+"
 NAMES = _CAPITALISED.format(common="") + _PIECES
 
@@ -53,7 +54,7 @@ def names_pattern(texts, min_share: float = 0.02) -> str:
     texts = list(texts)
     seen = Counter()
     for text in texts:
-        seen.update(set(re.findall(r"[A-Za-z]*[A-Z][A-Za-z]*", text)))
+        seen.update(set(re.findall(_CAPITAL_WORD, text)))
     common = sorted((w for w, n in seen.items() if n >= min_share * len(texts)), key=lambda w: (-len(w), w))
     if not common:
         return NAMES
@@ -77,7 +78,8 @@ class Tokenizer:
             bpe = models.BPE.from_file(vocab_path, merges_path)
         except Exception as err:  # the tokenizers library raises a bare Exception on bad files
             raise ValueError(f"cannot read BPE files in {directory}: {err}") from err
-        self.files = [directory / name for name in (*FILES, PRETOKENIZER_FILE) if (directory / name).is_file()]
+        self.files = [directory / name for name in (*FILES, PRETOKENIZER_FILE)
+                      if (directory / name).is_file()]
         self.isolate = _read_isolate(directory / PRETOKENIZER_FILE)
         self._tok = _HFTokenizer(bpe)
         self._tok.pre_tokenizer = _pre_tokenizer(self.isolate)
@@ -156,9 +158,9 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | Path, isolate: str | 
     """Train a byte-level BPE on an iterable of strings; write vocab.json + merges.txt to out_dir.
 
     The special tokens take OPT's ids 0..3 (the trainer assigns them first, in order), so a model
-    built for it keeps OPT's pad/bos/eos ids. With `isolate` (a regex: `NAMES`, `names_pattern`) merges span words
-    but never what the regex matches (see the module docstring), up to tokens of `max_token_chars`
-    characters.
+    built for it keeps OPT's pad/bos/eos ids. With `isolate` (a regex: `NAMES`, `names_pattern`)
+    merges span words but never what the regex matches (see the module docstring), up to tokens of
+    `max_token_chars` characters.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
