@@ -28,6 +28,23 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "triton")
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
 
 
+def sinusoidal_table(rows: int, width: int, rms: float) -> torch.Tensor:
+    """Position-table rows of sin/cos waves (Vaswani et al. 2017), scaled to `rms`; row r is position
+    r - POSITION_OFFSET, so position 0 sits where OPT looks it up.
+
+    Why: random rows make "the token one step back" a different direction at every position, so a
+    head that attends to the previous token (half of the circuit that copies a name from the context)
+    must be learned position by position. Here one step back is the same rotation at every position
+    (each sin/cos pair at frequency w turns by w), one linear map that all positions train together.
+    """
+    position = torch.arange(rows, dtype=torch.float64)[:, None] - POSITION_OFFSET
+    frequency = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float64) / width)
+    table = torch.zeros(rows, width, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return (table * rms * math.sqrt(2.0)).float()   # a unit wave's RMS is 1/sqrt(2)
+
+
 # ---------------------------------------------------------------------------------------- KV cache
 
 class KVCache:
@@ -226,8 +243,13 @@ class OPT(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embed.weight  # tied: (vocab, word_embed_proj_dim)
 
-    def init_weights(self, seed: int | None = None) -> None:
-        """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding."""
+    def init_weights(self, seed: int | None = None, sinusoidal_positions: float | None = None) -> None:
+        """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding.
+
+        sinusoidal_positions: start the (still learned) position table from sine/cosine waves of this
+        RMS instead (`sinusoidal_table`). A model trained from scratch on little data learns to copy
+        names from its context far sooner with it (the smoke preset; BENCHMARKS.md has the runs).
+        """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.init_std
         with torch.no_grad():
@@ -240,6 +262,9 @@ class OPT(nn.Module):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             self.tok_embed.weight[self.config.pad_token_id].zero_()
+            if sinusoidal_positions is not None:
+                rows, width = self.pos_embed.weight.shape
+                self.pos_embed.weight.copy_(sinusoidal_table(rows, width, sinusoidal_positions))
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         weight = self.tok_embed.weight

@@ -1,5 +1,7 @@
 """The model against transformers' OPTForCausalLM: logits, loss and gradients, every config and padding."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,3 +167,25 @@ def test_init_weights_is_seeded():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert a.tok_embed.weight[config.pad_token_id].abs().sum() == 0
+
+
+def test_sinusoidal_positions_make_one_step_back_one_linear_map():
+    # The point of the option: one rotation R (angle w per sin/cos pair) takes every row to the next.
+    config = slm.OPTConfig(**TINY_CONFIGS["pre_ln"])
+    width = config.hidden_size
+    w = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+    step = torch.zeros(width, width, dtype=torch.float64)
+    for k in range(width // 2):
+        c, s = math.cos(w[k]), math.sin(w[k])
+        step[2 * k:2 * k + 2, 2 * k:2 * k + 2] = torch.tensor([[c, -s], [s, c]])
+    model = slm.OPT(config)
+    model.init_weights(seed=0, sinusoidal_positions=0.05)
+    table = model.pos_embed.weight.detach().double()
+    assert torch.allclose(table.pow(2).mean().sqrt(), torch.tensor(0.05).double(), rtol=1e-3)
+    assert (table[:-1] @ step - table[1:]).abs().max() < 1e-5 * table.abs().max()
+    assert (table[2] - table[1] @ step).abs().max() < 1e-5   # row 2 is position 0: sin 0, cos 0
+    assert torch.allclose(table[2, 0::2], torch.zeros(width // 2).double()) and torch.allclose(
+        table[2, 1::2], torch.full((width // 2,), 0.05 * math.sqrt(2.0)).double())
+    model.init_weights(seed=0)                            # OPT's N(0, std) rows: no such map
+    table = model.pos_embed.weight.detach().double()
+    assert (table[:-1] @ step - table[1:]).abs().max() > 0.5 * table.abs().max()
