@@ -36,12 +36,13 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 2
 FILES = ("vocab.json", "merges.txt")
 PRETOKENIZER_FILE = "pretokenizer.json"  # {"isolate": regex} for a tokenizer whose merges span words
-# What a tool-calling model copies: words with a capital (entities, tool names), the parts of function
-# names (city, _population, _for, _zabrus, _cities: `_` leads a part, so the next part follows from the
-# token before it), and digit runs.
+# What a tool-calling model copies: words with a capital (entities), the parts of snake_case names
+# (city_, population_, for_, zabrus_, cities) and digit runs. A part keeps the `_` that follows it, so
+# a tool's name has the same tokens in the tool list ("1.zabrus_cities"), in the schema's descriptions
+# and inside every function name ("city_population_for_zabrus_cities"): each is a source to copy from.
 _CAPITAL_WORD = r"[A-Za-z]*[A-Z][A-Za-z]*"
 _CAPITALISED = r"(?<![A-Za-z]){common}" + _CAPITAL_WORD
-_PIECES = r"|[a-z]+(?=_)|_[a-z]*|[0-9]+"
+_PIECES = r"|[a-z]+_(?=[a-z])|(?<=_)[a-z]+|[0-9]+"
 NAMES = _CAPITALISED.format(common="") + _PIECES
 
 

@@ -73,9 +73,11 @@ def test_trained_tokenizer_with_merges_across_words(tmp_path):
     assert ids[-1] == 2 and tok.decode(ids) == corpus[0]
     # Names, function-name parts and numbers get the same tokens in any context: copyable.
     # (with merges free to span them, " Brakai" and '"Brakai' would be single tokens here)
-    for text in ("call get_rain_for_zabrus with 1234 on Brakai", 'x: "Brakai", rain_for_zabrus_units, n=1234'):
+    # A tool's name is copyable from the tool list, a description or another function's name alike.
+    for text in ("call get_rain_for_zabrus_units with 1234 on Brakai", '1.zabrus_units: "Brakai", n=1234',
+                 'x: "Brakai", tool "zabrus_units", 1234'):
         ids = tok.encode(text, add_bos=False)
-        for name in ("Brakai", "_zabrus", "1234"):
+        for name in ("Brakai", "zabrus_", "units", "1234"):
             alone = tok.encode(name, add_bos=False)
             assert any(ids[i:i + len(alone)] == alone for i in range(len(ids))), (text, name)
     tok.save(tmp_path / "copy")                      # the regex travels with the files
@@ -92,8 +94,8 @@ def test_names_pattern_leaves_the_corpus_words_free_to_merge(tmp_path):
     corpus = [f"Thought: I call the Action now.\nAction: get_{name.lower()}\nName: {name}</s>"
               for name in ("Brakai", "Zefor", "Tillou", "Moxa", "Pradin")] * 20
     pattern = names_pattern(corpus, min_share=0.5)
-    isolated = slm.train_tokenizer(corpus, vocab_size=300, out_dir=tmp_path / "a", isolate=NAMES)
-    merged = slm.train_tokenizer(corpus, vocab_size=300, out_dir=tmp_path / "b", isolate=pattern)
+    isolated = slm.train_tokenizer(corpus, vocab_size=400, out_dir=tmp_path / "a", isolate=NAMES)
+    merged = slm.train_tokenizer(corpus, vocab_size=400, out_dir=tmp_path / "b", isolate=pattern)
     text = corpus[0]
     assert len(merged.encode(text)) < len(isolated.encode(text))   # "Thought", "Action" merge on
     for tok in (isolated, merged):
