@@ -30,7 +30,9 @@ pretraining, and SFT only has to point them at the right places. A randomly init
 none, and the assistant turns alone (~20% of the tokens) are too weak a signal for them to form in CPU
 minutes. So the smoke preset first trains on every token of its corpus (plain language modelling, where
 each name recurs in the query, the thought, the call and the answer), then on the assistant turns only,
-as the paper. The eval loss is always that of the trained turns.
+as the paper. The eval loss is always that of the trained turns. Its position table also starts from
+sine waves (`OPT.init_weights(sinusoidal_positions=...)`): a copying circuit needs a head that looks one
+token back, which random position rows make a separate thing to learn at every position.
 
 Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
 bf16 selectable), on CPU fp32; the weights and AdamW's state stay fp32. Under torchrun the global
@@ -110,11 +112,12 @@ PRESETS = {
     # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
     # tasks prepared by data/prepare.py; a few CPU minutes. The loop is the paper's.
     "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
-                         max_len=512, epochs=6, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.6,
+                         max_len=512, epochs=2, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.6,
                          eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
-                         smoke_tasks=3000),
+                         smoke_tasks=9000),
 }
 SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
+SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (OPT.init_weights); best of 0.02/0.05/0.1
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PERF.md). A 8192^3 bf16 matmul reaches
@@ -167,7 +170,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
     a("--keep", type=int, help="checkpoints to keep (default 2)")
     a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
-    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 3000)")
+    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 9000)")
     args = vars(p.parse_args(argv))
     return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
 
@@ -431,7 +434,7 @@ def main(argv=None):
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
         model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), attn=cfg.attn)
-        model.init_weights(cfg.seed)
+        model.init_weights(cfg.seed, sinusoidal_positions=SMOKE_POSITION_RMS)
     else:
         try:
             model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", attn=cfg.attn)

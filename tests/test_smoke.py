@@ -22,7 +22,7 @@ def run(*args, cwd):
 
 def test_smoke_training_learns_the_tool_call_format(tmp_path):
     run("train.py", "--preset", "smoke", "--out", str(tmp_path / "run"), "--smoke-tasks", "600",
-        "--max-steps", "160", "--warmup", "20", "--eval-every", "40", cwd=REPO)
+        "--max-steps", "240", "--warmup", "20", "--eval-every", "60", cwd=REPO)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # Language modelling first, then the turns; the eval loss is the turns' throughout.
     assert {r["objective"] for r in records if "loss" in r} == {"lm", "turns"}
