@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "triton"),
+    parser.add_argument("--attn", default="sdpa", choices=slm.model.ATTENTION_IMPLEMENTATIONS,
                         help="attention implementation for the prefill (default sdpa)")
     args = parser.parse_args(argv)
     if args.suite in ("stabletoolbench", "replay") and not args.data:

@@ -161,7 +161,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--lm-fraction", type=float,
       help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.6)")
     a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
-    a("--attn", choices=("eager", "sdpa", "triton"), help="attention implementation (default sdpa)")
+    a("--attn", choices=slm.model.ATTENTION_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
     a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     a("--seed", type=int, help="seed of init, data order, dropout and eval split (default 0)")
     a("--eval-fraction", type=float, help="share of queries held out for eval loss (default 0.01)")

@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --small")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa", "triton"), help="our prefill attention")
+    parser.add_argument("--attn", default="sdpa", choices=slm.model.ATTENTION_IMPLEMENTATIONS, help="our prefill attention")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--prompt-len", type=int, default=None, help="longest prompt (default 1024; 128 with --small)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per prompt (default 128; 32 with --small)")
