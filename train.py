@@ -607,7 +607,8 @@ def main(argv=None):
             if master:
                 log_line(metrics_path, record)
                 bar.write(f"step {step:6d} | {'lm ' if lm else ''}loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"gnorm {gnorm.item():.3f} | tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
+                          f"gnorm {gnorm.item():.3f} | tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | "
+                          f"mem {mem:.2f} GiB"
                           + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
         if eval_batches and (step % cfg.eval_every == 0 or step == total_steps):
             last_eval = evaluate()
