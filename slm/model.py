@@ -77,10 +77,12 @@ class AttentionLayout:
 
     Exactly one description applies: `causal_only` (every row is one whole sequence), `varlen`
     (sequences given by `cu_seqlens` over the real tokens `token_index` of the flattened batch, as the
-    Triton kernel wants them) or `allowed` (a boolean (B, 1, T_q, T_k) mask, what eager and sdpa use).
+    Triton kernel wants them), `segments` (packed rows as their sequences' lengths, for sdpa on CPU)
+    or `allowed` (a boolean (B, 1, T_q, T_k) mask, what eager and sdpa use).
     """
     causal_only: bool = False
     allowed: torch.Tensor | None = None
+    segments: list[list[int]] | None = None   # per row, the lengths of its packed sequences
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     token_index: torch.Tensor | None = None  # flat indices of real tokens; None when all are real
@@ -107,6 +109,22 @@ def _packed_allowed(segment: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=segment.device).tril()
     same = segment[:, :, None] == segment[:, None, :]          # (B, T, T)
     return (causal & same)[:, None]                            # (B, 1, T, T)
+
+
+def _row_lengths(cu_seqlens: torch.Tensor, batch: int, t: int) -> list[list[int]]:
+    """The lengths of the packed sequences in each row of a (B, t) batch, checked to tile every row."""
+    cu = cu_seqlens.tolist()
+    rows = [[] for _ in range(batch)]
+    for start, end in zip(cu[:-1], cu[1:]):
+        row = start // t
+        if end <= start or end > (row + 1) * t:
+            rows = None
+            break
+        rows[row].append(end - start)
+    if rows is None or cu[0] != 0 or cu[-1] != batch * t:
+        raise ValueError(f"cu_seqlens {cu} must rise from 0 to {batch * t} (batch {batch} x {t} tokens) "
+                         "without a sequence crossing a row")
+    return rows
 
 
 def _segments(cu_seqlens: torch.Tensor, batch: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +166,8 @@ class Attention(nn.Module):
 
         if attn == "triton" and layout.allowed is None:
             y = _triton_attention(q, k, v, layout)
+        elif layout.segments is not None:
+            y = _segmented_attention(q, k, v, layout.segments, dropout)
         elif attn == "eager":
             y = _eager_attention(q, k, v, layout, dropout)
         else:  # sdpa, and triton's decode steps (a masked query against the cache: sdpa serves it)
@@ -170,6 +190,22 @@ def _eager_attention(q, k, v, layout: AttentionLayout, dropout: float):
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return probs @ v
+
+
+def _segmented_attention(q, k, v, row_lengths: list[list[int]], dropout: float):
+    """Packed rows as one causal sdpa call per sequence: what sdpa does with packed rows on CPU.
+
+    Why: torch's CPU SDPA has a fast kernel for plain causal attention but not for a mask, and the
+    work shrinks from T^2 per row to the sum of the squared sequence lengths (BENCHMARKS.md). Split,
+    not sliced, so that the backward pass concatenates the gradients instead of zero-filling a
+    full-size tensor per sequence; 4-D pieces, as 3-D ones take sdpa's slow path.
+    """
+    rows = []
+    for qr, kr, vr, lengths in zip(q.split(1), k.split(1), v.split(1), row_lengths):
+        pieces = zip(qr.split(lengths, dim=2), kr.split(lengths, dim=2), vr.split(lengths, dim=2))
+        rows.append(torch.cat([F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True,
+                                                              scale=1.0) for qs, ks, vs in pieces], dim=2))
+    return torch.cat(rows)
 
 
 def _triton_attention(q, k, v, layout: AttentionLayout):
@@ -291,7 +327,9 @@ class OPT(nn.Module):
             segment, positions = _segments(cu_seqlens, B, T)
             layout = AttentionLayout(cu_seqlens=cu_seqlens.to(torch.int32),
                                      max_seqlen=max_seqlen or T)
-            if self.attn != "triton":
+            if self.attn == "sdpa" and input_ids.device.type == "cpu":
+                layout.segments = _row_lengths(cu_seqlens, B, T)   # host ints, free on CPU
+            elif self.attn != "triton":
                 layout.allowed = _packed_allowed(segment)
         else:
             if attention_mask is None:
