@@ -68,6 +68,7 @@ turn is an example of its own. Hence every trained turn's prompt is exactly
 import ast
 import json
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -346,7 +347,11 @@ def parse_step(text: str) -> Step:
         arguments = json.loads(raw_input) if raw_input else {}
     except json.JSONDecodeError:
         try:
-            arguments = ast.literal_eval(raw_input)
+            with warnings.catch_warnings():
+                # Model text like `{"value": 12in}` makes the compiler warn before it fails: the
+                # ParseError below says it once, in the episode's record, not on stderr every step.
+                warnings.simplefilter("ignore", SyntaxWarning)
+                arguments = ast.literal_eval(raw_input)
         except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
             raise ParseError(f"action input of {action!r} is neither JSON nor a Python literal: "
                              f"{raw_input[:200]!r} ({err})") from None

@@ -121,6 +121,13 @@ def test_parse_step_cases():
             toolbench.parse_step(bad)
 
 
+def test_parse_step_is_silent_on_malformed_numbers(recwarn):
+    """`12in` makes Python's compiler warn before it fails; the ParseError alone reports it."""
+    with pytest.raises(toolbench.ParseError, match="neither JSON"):
+        toolbench.parse_step('Action: f\nAction Input: {"value": 12in}')
+    assert not [w for w in recwarn if issubclass(w.category, SyntaxWarning)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Readers
 
