@@ -100,7 +100,7 @@ CALC_OPS = {"add numbers": "Add a and b.", "subtract numbers": "Subtract b from 
 TEXT_OPS = {"reverse text": "Reverse a text.", "uppercase text": "Uppercase a text.",
             "count letters": "Count the letters of a text."}
 
-# The utility tools, each named "<prefix> <generated word>" like the lookup tools (see `_lookup_tool`).
+# The utility tools, each named "<generated word> <suffix>".
 UTILITY = {"units": ("Units", "Unit conversions.", CONVERSIONS),
            "calc": ("Calc", "A simple calculator.", CALC_OPS),
            "text": ("Text", "Text utilities.", TEXT_OPS)}
@@ -168,11 +168,7 @@ class _Tool:
 def _lookup_tool(rng, split, taken, kind, needed_fields, entities) -> tuple:
     """A lookup tool over a generated table of `entities`, with 2-3 fields (the needed ones first)."""
     domain = DOMAINS[kind]
-    # The kind's noun comes first ("Peaks Dreakril"): in a function name (`mountain_height_for_peaks_
-    # dreakril`) the API then implies the token after `_for_`, and the generated word follows a prefix
-    # that is unique in the prompt (a task has one tool per kind), so it is copied by plain induction
-    # rather than picked out of every tool's name by what stood three tokens before it.
-    tool = _Tool(f"{domain['noun']} {_word(rng, split, taken)}", domain["about"])
+    tool = _Tool(f"{_word(rng, split, taken)} {domain['noun']}", domain["about"])
     others = [f for f in domain["fields"] if f not in needed_fields]
     fields = list(needed_fields) + rng.sample(others, rng.choice(FUNCTIONS_PER_TOOL) - len(needed_fields))
     rng.shuffle(fields)
@@ -195,8 +191,8 @@ def _lookup_tool(rng, split, taken, kind, needed_fields, entities) -> tuple:
 
 def _utility_tool(rng, split, taken, kind, needed_ops) -> _Tool:
     """A units/calc/text tool with 2-3 operations, the needed ones included."""
-    prefix, about, ops = UTILITY[kind]
-    tool = _Tool(f"{prefix} {_word(rng, split, taken)}", about)
+    suffix, about, ops = UTILITY[kind]
+    tool = _Tool(f"{_word(rng, split, taken)} {suffix}", about)
     others = [op for op in ops if op not in needed_ops]
     names = list(needed_ops) + rng.sample(others, rng.choice(FUNCTIONS_PER_TOOL) - len(needed_ops))
     rng.shuffle(names)

@@ -27,7 +27,7 @@ def _names(task_list):
     """The generated names of some tasks: tool words, entities, and the words of string tasks."""
     tools, entities = set(), set()
     for task in task_list:
-        tools |= {api["tool_name"].split()[1] for api in task["api_list"]}
+        tools |= {api["tool_name"].split()[0] for api in task["api_list"]}
         for table in task["world"]["tables"].values():
             entities |= set(table)
         entities |= {args["text"] for _, _, args in task["solution"]["steps"] if "text" in args}
