@@ -211,3 +211,42 @@ def test_sinusoidal_positions_make_one_step_back_one_linear_map():
     model.init_weights(seed=0)                            # OPT's N(0, std) rows: no such map
     table = model.pos_embed.weight.detach().double()
     assert (table[:-1] @ step - table[1:]).abs().max() > 0.5 * table.abs().max()
+
+
+def layer0_attention(model, start: int, length: int = 96) -> torch.Tensor:
+    """Layer 0's attention probabilities (B, H, T, T) over random tokens at positions start..start+T-1."""
+    c, layer = model.config, model.layers[0]
+    ids = torch.randint(3, c.vocab_size, (2, length), generator=torch.Generator().manual_seed(start))
+    with torch.no_grad():
+        x = model.embed(ids, torch.arange(start, start + length).expand(2, length))
+        x = layer.attn_norm(x) if layer.pre_ln else x
+        q, k = (t.view(2, length, c.num_attention_heads, c.head_dim).transpose(1, 2)
+                for t in (layer.attn.q(x) * layer.attn.scale, layer.attn.k(x)))
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(),
+                                                       float("-inf"))
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_offset_heads_attend_their_offset_and_nothing_else_changes(pre_ln):
+    config = slm.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           ffn_dim=128, max_position_embeddings=512, do_layer_norm_before=pre_ln)
+    plain, fitted = slm.OPT(config), slm.OPT(config)
+    plain.init_weights(seed=0, sinusoidal_positions=0.05)
+    fitted.init_weights(seed=0, sinusoidal_positions=0.05, offset_heads=(1, 2))
+    for start in (0, 200, 400):            # everywhere in the position table, not just where it starts
+        for model, floor in ((fitted, 0.6), (plain, 0.0)):
+            probs = layer0_attention(model, start)
+            for head, offset in enumerate((1, 2)):
+                at_offset = torch.diagonal(probs[:, head], -offset, dim1=-2, dim2=-1)[:, 8:].mean().item()
+                assert at_offset >= floor, f"head {head}, offset {offset}, start {start}: {at_offset:.3f}"
+                if model is plain:          # an unfitted head spreads out: far below the fitted floor
+                    assert at_offset < 0.2, at_offset
+    fitted_rows = 2 * config.head_dim        # only the q and k rows of the two fitted heads differ
+    for (name, p), q in zip(fitted.named_parameters(), plain.parameters()):
+        if name in ("layers.0.attn.q.weight", "layers.0.attn.k.weight"):
+            assert not torch.equal(p[:fitted_rows], q[:fitted_rows]) and torch.equal(p[fitted_rows:], q[fitted_rows:])
+        else:
+            assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="offset_heads"):
+        fitted.init_weights(seed=0, offset_heads=(1, 2, 3, 4, 5))
