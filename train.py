@@ -1,7 +1,7 @@
 """Supervised fine-tuning of OPT on ToolBench tool-calling trajectories: the paper's recipe in one loop.
 
     python train.py --data data/toolbench --out runs/paper            # the paper's recipe (preset paper)
-    python train.py --preset smoke --out runs/smoke                   # tiny, offline, CPU, a few minutes
+    python train.py --preset smoke --out runs/smoke                   # tiny, offline: 8 minutes on 2 CPU cores
     python train.py --data data/toolbench --out runs/paper --resume   # continue a killed run exactly
     torchrun --nproc_per_node=8 train.py --data data/toolbench --out runs/paper   # data-parallel
 
@@ -24,15 +24,19 @@ The loss is the cross-entropy of the trained targets, summed over every micro-ba
 every rank) and divided by their number of trained tokens: each trained token weighs the same however
 the tokens fall into micro-batches, as with one big batch.
 
-Language-model warm-up (--lm-fraction, smoke only). opt-350m arrives pretrained: the heads that copy
-a name, a number or a function name from earlier in the context (induction heads) come from its
+The smoke preset: copying from random init in CPU minutes. opt-350m arrives pretrained: the heads that
+copy a name, a number or a function name from earlier in the context (induction heads) come from its
 pretraining, and SFT only has to point them at the right places. A randomly initialised smoke model has
-none, and the assistant turns alone (~20% of the tokens) are too weak a signal for them to form in CPU
-minutes. So the smoke preset first trains on every token of its corpus (plain language modelling, where
-each name recurs in the query, the thought, the call and the answer), then on the assistant turns only,
-as the paper. The eval loss is always that of the trained turns. Its position table also starts from
-sine waves (`OPT.init_weights(sinusoidal_positions=...)`): a copying circuit needs a head that looks one
-token back, which random position rows make a separate thing to learn at every position.
+none, so the preset gives it four head starts, each measured in BENCHMARKS.md:
+- a language-model warm-up (--lm-fraction): the first 30% of the steps train every token of the corpus,
+  where each name recurs in the query, the thought, the call and the answer; the assistant turns alone
+  (~20% of the tokens) are too weak a signal for copying to form. Then the turns only, as the paper;
+  the eval loss is always that of the trained turns;
+- a position table that starts from sine waves, so "one token back" is one linear map at every position;
+- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`OPT.init_weights(
+  offset_heads=...)`), the first half of a copying circuit, which the model would otherwise take most
+  of its budget to find;
+- Muon (--optimizer muon) for the decoder's weight matrices, AdamW for the rest.
 
 Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
 bf16 selectable), on CPU fp32; the weights and AdamW's state stay fp32. Under torchrun the global
@@ -64,6 +68,7 @@ from tqdm import tqdm
 
 import slm
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
+from slm.muon import Muon
 from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
 
@@ -91,6 +96,8 @@ class TrainConfig:
     lr: float = 5e-5
     warmup: int = 100                # linear warmup steps, then linear decay to 0
     weight_decay: float = 0.01       # AdamW, decoupled; biases and LayerNorm weights are exempt
+    optimizer: str = "adamw"         # adamw | muon: Muon for the decoder's weight matrices, AdamW the rest
+    muon_lr: float = 0.005           # Muon's peak learning rate (same schedule as --lr)
     grad_clip: float = 0.3           # max global grad norm
     lm_fraction: float = 0.0         # share of the steps, first, whose loss covers every token (see above)
     dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
@@ -110,14 +117,16 @@ class TrainConfig:
 PRESETS = {
     "paper": TrainConfig(),
     # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
-    # tasks prepared by data/prepare.py; a few CPU minutes. The loop is the paper's.
+    # tasks prepared by data/prepare.py; about 8 minutes on 2 CPU cores. The loop is the paper's.
     "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
-                         max_len=512, epochs=2, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.6,
-                         eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
-                         smoke_tasks=9000),
+                         max_len=512, epochs=1, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.3,
+                         optimizer="muon", eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
+                         smoke_tasks=13500),
 }
 SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
 SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (OPT.init_weights); best of 0.02/0.05/0.1
+SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (OPT.init_weights)
+OPTIMIZERS = ("adamw", "muon")
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PERF.md). A 8192^3 bf16 matmul reaches
@@ -157,9 +166,12 @@ def parse_args(argv=None) -> TrainConfig:
     a("--lr", type=float, help="peak learning rate (paper 5e-5)")
     a("--warmup", type=int, help="linear warmup steps (paper 100)")
     a("--weight-decay", type=float, help="AdamW weight decay (paper 0.01)")
+    a("--optimizer", choices=OPTIMIZERS,
+      help="adamw (paper), or muon: Muon for the decoder's weight matrices and AdamW for the rest (smoke)")
+    a("--muon-lr", type=float, help="Muon's peak learning rate, on --lr's schedule (default 0.005)")
     a("--grad-clip", type=float, help="max global gradient norm (paper 0.3)")
     a("--lm-fraction", type=float,
-      help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.6)")
+      help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.3)")
     a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
     a("--attn", choices=slm.model.ATTENTION_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
     a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -170,7 +182,7 @@ def parse_args(argv=None) -> TrainConfig:
     a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
     a("--keep", type=int, help="checkpoints to keep (default 2)")
     a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
-    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 9000)")
+    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 13500)")
     args = vars(p.parse_args(argv))
     return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
 
@@ -250,6 +262,33 @@ def optimizer_steps(loader: PackedLoader, accum: int):
         yield micro, position or loader.state_dict()
 
 
+def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
+    """AdamW over every parameter (the paper's), or with --optimizer muon, Muon over the decoder layers'
+    weight matrices and AdamW over the rest (embeddings, the tied head, biases, LayerNorms).
+
+    Transformers' Trainer (the paper's) exempts biases and LayerNorm weights from weight decay: the 1-D
+    parameters here. Embeddings (the tied head included) decay, as they did there. Each param group
+    keeps its peak learning rate in "peak_lr"; the loop scales it by the schedule.
+
+    Why Muon for the smoke model: it orthogonalises each matrix's momentum (Newton-Schulz), so every
+    direction of a weight matrix moves at the same rate. The smoke model, from random init with the same
+    head start, reached an eval loss of 0.12 in 1,200 steps with it and 0.25 with AdamW (BENCHMARKS.md).
+    """
+    muon = [p for name, p in model.named_parameters() if cfg.optimizer == "muon" and p.dim() == 2
+            and name.startswith("layers.")]
+    in_muon = {id(p) for p in muon}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in in_muon]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizers = [torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+         {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr}],
+        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)]
+    if muon:
+        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
+                               weight_decay=cfg.weight_decay))
+    return optimizers
+
+
 def flops_per_token(model: slm.OPT, seq_len: int) -> float:
     """Training FLOPs per token, 6*N_mm + 12*L*d*T (PERF.md): N_mm counts the weights used in matmuls
     (every Linear and the tied head, not the position table); the second term is attention's."""
@@ -269,7 +308,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(root.glob("step_[0-9]*")) if root.is_dir() else []
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizer, scaler, cfg, rank, world, keep):
+def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizers, scaler, cfg, rank, world, keep):
     """Write into checkpoints/.tmp_step_N, then rename it to step_N: a killed run leaves either the
     whole checkpoint or a temp dir that resume ignores. Every rank saves its own RNG state."""
     root = run_dir / "checkpoints"
@@ -285,7 +324,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizer, sca
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save([optimizer.state_dict() for optimizer in optimizers], tmp / "optimizer.pt")
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
@@ -434,7 +473,7 @@ def main(argv=None):
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
         model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), attn=cfg.attn)
-        model.init_weights(cfg.seed, sinusoidal_positions=SMOKE_POSITION_RMS)
+        model.init_weights(cfg.seed, sinusoidal_positions=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
     else:
         try:
             model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", attn=cfg.attn)
@@ -453,13 +492,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)  # dropout differs per process, as the data does
 
     # ----------------------------------------------------------------------------------- optimizer
-    # Transformers' Trainer (the paper's) exempts biases and LayerNorm weights from weight decay: the
-    # 1-D parameters here. Embeddings (the tied head included) decay, as they did there.
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    optimizers = make_optimizers(raw_model, cfg, fused=device.type == "cuda")
     # fp16 needs dynamic loss scaling (gradients underflow otherwise); bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")
@@ -470,7 +503,12 @@ def main(argv=None):
     if cfg.resume and checkpoints:
         ckpt = checkpoints[-1]
         raw_model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+        if len(saved) != len(optimizers):
+            fail(f"cannot resume {ckpt}: it holds {len(saved)} optimizer state(s), --optimizer "
+                 f"{cfg.optimizer} has {len(optimizers)}")
+        for optimizer, optimizer_state in zip(optimizers, saved):
+            optimizer.load_state_dict(optimizer_state)
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         try:
@@ -557,23 +595,27 @@ def main(argv=None):
             loss_total += loss_sum.detach()
         if world > 1:
             dist.all_reduce(loss_total)
-        scaler.unscale_(optimizer)           # true gradients, for clipping (no-op unless fp16)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
         gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
         lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in optimizers:         # every group follows the schedule from its own peak
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["peak_lr"] / cfg.lr
         loss_value = loss_total.item() / max(step_trained, 1)
         # One host sync per step: a non-finite loss or gradient skips the update on every process alike
         # (gnorm is computed from all-reduced gradients, loss_total was all-reduced).
         finite = math.isfinite(loss_value) and math.isfinite(gnorm.item())
         if finite:
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
             bad_in_a_row = 0
         else:  # the schedule still advances, as in transformers' Trainer after an fp16 overflow
             state["skipped_steps"] += 1
             bad_in_a_row += 1
         scaler.update()                      # fp16: halves the scale after an overflow, grows it later
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         state["tokens"] += step_tokens
         state["trained_tokens"] += step_trained
@@ -617,7 +659,7 @@ def main(argv=None):
                 bar.write(f"step {step:6d} | eval_loss {last_eval:.4f}")
         if step % cfg.save_every == 0 or step == total_steps:
             save_checkpoint(run_dir, step, {"step": step, "loader": position, **state},
-                            raw_model, optimizer, scaler, cfg, rank, world, cfg.keep)
+                            raw_model, optimizers, scaler, cfg, rank, world, cfg.keep)
     bar.close()
 
     # ------------------------------------------------------------------------------ export, summary

@@ -82,6 +82,20 @@ def test_lr_schedule_is_linear_warmup_then_linear_decay():
     assert values == pytest.approx(expected, abs=1e-12)
 
 
+def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
+    model = slm.OPT(slm.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  ffn_dim=32))
+    names = {id(p): name for name, p in model.named_parameters()}
+    for choice, expected in (("adamw", [36]), ("muon", [24, 12])):   # 12 = 2 layers x (q, k, v, o, fc1, fc2)
+        cfg = train.TrainConfig(optimizer=choice, lr=1e-3, muon_lr=0.02)
+        optimizers = train.make_optimizers(model, cfg)
+        held = [[names[id(p)] for group in o.param_groups for p in group["params"]] for o in optimizers]
+        assert [len(h) for h in held] == expected and sorted(sum(held, [])) == sorted(names.values())
+        if choice == "muon":
+            assert all(n.startswith("layers.") and n.endswith("weight") and "norm" not in n for n in held[1])
+            assert [g["peak_lr"] for o in optimizers for g in o.param_groups] == [1e-3, 1e-3, 0.02]
+
+
 def test_untrained_targets_change_neither_loss_nor_gradients():
     torch.manual_seed(0)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
@@ -209,8 +223,9 @@ def test_two_process_ddp_matches_one_process(run_4x2, sft_data, models, tmp_path
 
 def test_sigkill_then_resume_reproduces_every_loss(sft_data, models, tmp_path):
     # Dropout on: the resumed run must also restore the RNG to draw the same masks.
+    # Muon: its momentum buffers and AdamW's moments both come back from the checkpoint.
     args = ["--model", str(models["dropout"]), "--data", str(sft_data), "--batch-size", "1",
-            "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--keep", "2"]
+            "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--keep", "2", "--optimizer", "muon"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     # The uninterrupted reference runs beside the run that gets killed after step 3 is logged.
     log = open(tmp_path / "whole.log", "w")
