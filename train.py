@@ -274,8 +274,8 @@ def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> li
     direction of a weight matrix moves at the same rate. The smoke model, from random init with the same
     head start, reached an eval loss of 0.12 in 1,200 steps with it and 0.25 with AdamW (BENCHMARKS.md).
     """
-    muon = [p for name, p in model.named_parameters() if cfg.optimizer == "muon" and p.dim() == 2
-            and name.startswith("layers.")]
+    muon = [p for name, p in model.named_parameters()
+            if p.dim() == 2 and name.startswith("layers.")] if cfg.optimizer == "muon" else []
     in_muon = {id(p) for p in muon}
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in in_muon]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -504,11 +504,16 @@ def main(argv=None):
         ckpt = checkpoints[-1]
         raw_model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
         saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+        if isinstance(saved, dict):      # written before --optimizer existed: AdamW's state alone
+            saved = [saved]
         if len(saved) != len(optimizers):
             fail(f"cannot resume {ckpt}: it holds {len(saved)} optimizer state(s), --optimizer "
                  f"{cfg.optimizer} has {len(optimizers)}")
         for optimizer, optimizer_state in zip(optimizers, saved):
-            optimizer.load_state_dict(optimizer_state)
+            peaks = [group["peak_lr"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(optimizer_state)   # this takes the checkpoint's param groups
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["peak_lr"] = peak      # this run's --lr / --muon-lr, as for every other setting
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
         try:

@@ -70,24 +70,24 @@ def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = 
     targets = torch.stack([t - d for d in offsets])                   # (heads, T): the key to attend
     trained = targets >= 0                                            # queries whose key is in the window
 
-    def layer_input(x_generator):
+    def layer_input():
         """Layer 0's attention input for a random window of tokens and positions: (batch, T, d)."""
-        start = int(torch.randint(c.max_position_embeddings - window + 1, (1,), generator=x_generator))
-        ids = torch.randint(c.pad_token_id + 1, c.vocab_size, (batch, window), generator=x_generator)
+        start = int(torch.randint(c.max_position_embeddings - window + 1, (1,), generator=generator))
+        ids = torch.randint(c.pad_token_id + 1, c.vocab_size, (batch, window), generator=generator)
         with torch.no_grad():
             x = model.embed(ids, (start + t).expand(batch, window))
             return layer.attn_norm(x) if layer.pre_ln else x
 
     # Fit in units where the input has RMS 1 (a post-LN layer 0 sees the raw, small embeddings), so one
     # learning rate serves both layouts; the scale goes back into the weights at the end.
-    scale = layer_input(generator).pow(2).mean().sqrt()
+    scale = layer_input().pow(2).mean().sqrt()
     projections = (layer.attn.q, layer.attn.k)
     wq, wk = ((lin.weight[rows] * scale).detach().requires_grad_(True) for lin in projections)
     bq, bk = (lin.bias[rows].detach() if lin.bias is not None else 0.0 for lin in projections)
     optimizer = torch.optim.Adam([wq, wk], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            x = layer_input(generator) / scale
+            x = layer_input() / scale
             q, k = ((y.view(batch, window, heads, c.head_dim).transpose(1, 2))       # (B, heads, T, hd)
                     for y in ((x @ wq.T + bq) * layer.attn.scale, x @ wk.T + bk))
             scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, heads, T, T)
