@@ -11,13 +11,14 @@ setup(
     version="0.1.0",
     description="Small language models for agentic tool calling: OPT-350M SFT on ToolBench",
     python_requires=">=3.10",
-    packages=["slm", "kernels"],
+    packages=["slm", "slm.toolbench", "kernels", "data"],
     install_requires=[
         "torch>=2.4",
         "tokenizers>=0.19",
         "numpy",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib",   # loss.png and pass_rate.png (slm/plots.py)
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
     extras_require={"test": ["pytest", "transformers>=4.40"]},

@@ -1,28 +1,28 @@
 """Turn ToolBench data into token shards for train.py: ids + loss mask, collapsed and fitted.
 
-    python data/prepare.py --input toolllama_G123_dfs_train.json --tokenizer ../shared/opt --out data/toolbench
-    python data/prepare.py --input ../shared/toolbench/trajectories/toolbench_dfs/*/*.json \\
-        --tokenizer ../shared/opt --out /tmp/sft --max-len 2048 --no-collapse
+    python -m data.prepare --input toolllama_G123_dfs_train.json --tokenizer ~/models/opt-350m --out shards/toolbench
+    python -m data.prepare --input toolbench_dfs/*/*.json --tokenizer ~/models/opt-350m --out /tmp/sft \\
+        --max-len 2048 --no-collapse
+
+Run it from the repository root (`python -m` puts it on the import path), or as `python data/prepare.py`
+once the project is installed (`pip install -e .`).
 
 Input kinds are detected per file (a ToolLLaMA JSON array, streamed; a DFS answer file; ToolEval
 converted answers) or forced with --format. Bad rows are counted by reason in stats.json and skipped;
 the run never stops mid-file. The same inputs and settings give byte-identical shards. The prompt
-format, loss mask, collapsing and fitting rules are documented in slm/toolbench.py; the shard layout
-in slm/data.py.
+format, loss mask, collapsing and fitting rules are documented in slm/toolbench/ (encode.py, collapse.py,
+fitting.py); the shard layout in slm/data.py.
 """
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from slm import toolbench  # noqa: E402
-from slm.data import ShardWriter  # noqa: E402
-from slm.tokenizer import load_tokenizer  # noqa: E402
+from slm import toolbench
+from slm.data import ShardWriter
+from slm.tokenizer import load_tokenizer
 
 HISTOGRAM_BIN = 128  # tokens per bin of the length histogram
 

@@ -7,10 +7,11 @@ in minutes, on tasks that still need the three skills ToolBench tests: pick the 
 distractors, copy the right arguments from the query, and carry one call's observation into the next
 call or into the final answer.
 
-    python data/synthetic.py --out DIR [--train N] [--test M] [--seed S]
+    python -m data.synthetic --out DIR [--train N] [--test M] [--seed S]    # from the repository root
 
 writes DIR/train.json (ToolLLaMA rows, step-exploded like ToolBench's release) and
-DIR/test/synthetic.json (test tasks; the evaluator names the subset after the file).
+DIR/test/synthetic.json (test tasks; the evaluator names the subset after the file). Once the project is
+installed (`pip install -e .`), `python data/synthetic.py ...` works from anywhere too.
 
 A task is a StableToolBench-style query plus synthetic-only fields:
 
@@ -41,14 +42,10 @@ import json
 import math
 import random
 import re
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as `python data/synthetic.py`: sys.path[0] is data/, so make the repository root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from slm import toolbench
+from slm.tool_env import error_observation
 
 SPLITS = ("train", "test")
 TASK_TYPES = ("lookup", "chain", "arithmetic", "string", "conversion")
@@ -220,10 +217,6 @@ def _ok(result: dict) -> str:
     return json.dumps({"error": "", "response": str(result)})
 
 
-def _error(message: str) -> str:
-    return json.dumps({"error": message, "response": ""})
-
-
 def _as_number(value):
     """A JSON number or numeric string as a float; None for anything else (booleans included)."""
     if isinstance(value, bool):
@@ -251,26 +244,26 @@ def execute(task: dict, function_name: str, arguments: dict) -> str:
     spec = task["world"]["functions"].get(function_name)
     if spec is None:
         # ToolBench's wording (rapidapi.py), which slm/tool_env.py uses too.
-        return _error(f"No such function name: {function_name}")
+        return error_observation(f"No such function name: {function_name}")
     if not isinstance(arguments, dict):
-        return _error(f"Action Input must be a JSON object, got {type(arguments).__name__}.")
+        return error_observation(f"Action Input must be a JSON object, got {type(arguments).__name__}.")
     params = _api_entry(task, function_name)["required_parameters"]
     expected = {p["name"]: p["type"] for p in params}
     unexpected = sorted(set(arguments) - set(expected))
     if unexpected:
-        return _error(f"Unexpected parameter(s) {unexpected} for {function_name}; "
+        return error_observation(f"Unexpected parameter(s) {unexpected} for {function_name}; "
                       f"expected {sorted(expected)}.")
     values = {}
     for name, kind in expected.items():
         if name not in arguments:
-            return _error(f"Missing required parameter {name!r} for {function_name}.")
+            return error_observation(f"Missing required parameter {name!r} for {function_name}.")
         value = arguments[name]
         if kind == "NUMBER":
             value = _as_number(value)
             if value is None:
-                return _error(f"Parameter {name!r} must be a number, got {arguments[name]!r}.")
+                return error_observation(f"Parameter {name!r} must be a number, got {arguments[name]!r}.")
         elif not isinstance(value, str) or not value.strip():
-            return _error(f"Parameter {name!r} must be a non-empty string, got {value!r}.")
+            return error_observation(f"Parameter {name!r} must be a non-empty string, got {value!r}.")
         values[name] = value
 
     op = spec["op"]
@@ -279,7 +272,7 @@ def execute(task: dict, function_name: str, arguments: dict) -> str:
         by_name = {entity.lower(): row for entity, row in table.items()}
         row = by_name.get(values[spec["param"]].strip().lower())
         if row is None:
-            return _error(f"No {spec['param']} named {values[spec['param']]!r} was found.")
+            return error_observation(f"No {spec['param']} named {values[spec['param']]!r} was found.")
         return _ok({spec["field"]: row[spec["field"]]})
     if op == "convert":
         return _ok({spec["out"]: _number(values["value"] * spec["factor"] + spec["offset"])})
@@ -537,13 +530,12 @@ def trajectory(task: dict) -> dict:
     """
     functions = toolbench.functions_from_api_list(task["api_list"])
     system = toolbench.system_prompt(functions, task["tool_descriptions"])
-    conversations = [{"from": "system", "value": system},
-                     {"from": "user", "value": toolbench.user_turn(task["query"])}]
+    conversations = toolbench.opening(system, task["query"])
     for thought, name, arguments in task["solution"]["steps"]:
         conversations.append(_assistant(thought, name, arguments))
         conversations.append({"from": "function", "value": execute(task, name, arguments)})
     finish = {"return_type": "give_answer", "final_answer": task["solution"]["final_answer"]}
-    conversations.append(_assistant(task["solution"]["finish_thought"], "Finish", finish))
+    conversations.append(_assistant(task["solution"]["finish_thought"], toolbench.FINISH, finish))
     return {"id": f"Step {len(conversations) - 1}: {task['query']}", "conversations": conversations,
             "source": f"synthetic/{task['task_type']}"}
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tokenizer import PAD_ID
+
 IGNORE_INDEX = -100  # the one ignore index: targets that carry no loss (slm re-exports it)
-PAD_ID = 1           # OPT's <pad>
 FORMAT_VERSION = 1
 FILES = ("ids.bin", "mask.bin", "offsets.npy", "groups.npy", "stats.json", "meta.json")
 
