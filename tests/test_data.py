@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from slm.data import IGNORE_INDEX, PAD_ID, PackedLoader, ShardDataset, ShardWriter, split_by_query
+from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, ShardWriter, split_by_query
+from slm.tokenizer import PAD_ID
 
 FINGERPRINT = "f" * 64
 

@@ -55,7 +55,15 @@ def test_a_seed_fixes_everything():
     assert json.dumps(first[:20]) == json.dumps(synthetic.make_tasks("train", 20, seed=3)), \
         "a shorter run must be a prefix of a longer one"
     assert json.dumps(first) != json.dumps(synthetic.make_tasks("train", 50, seed=4))
-    assert [synthetic.trajectory(t) for t in first] == [synthetic.trajectory(t) for t in first]
+
+
+def test_a_task_file_is_self_contained(tasks):
+    # The evaluator reads tasks back from JSON: their trajectories must come out the same, and building
+    # one must leave its task as it was (it is scored afterwards).
+    written = json.dumps(tasks["test"])
+    read_back = json.loads(written)
+    assert [synthetic.trajectory(t) for t in read_back] == [synthetic.trajectory(t) for t in tasks["test"]]
+    assert json.dumps(tasks["test"]) == written, "trajectory() changed the task it replayed"
 
 
 def test_train_and_test_share_no_tool_or_entity_name(tasks):
@@ -211,11 +219,12 @@ def test_score_compares_numbers_canonically(tasks):
 
 
 def test_command_line_writes_train_rows_and_test_tasks(tmp_path):
-    # A separate process with another hash seed: the script runs as documented, and what it writes
-    # does not depend on Python's per-process string hashing.
-    script = Path(synthetic.__file__)
-    command = [sys.executable, str(script), "--out", str(tmp_path), "--train", "12", "--test", "5", "--seed", "2"]
-    subprocess.run(command, check=True, cwd=script.parents[1], env=dict(os.environ, PYTHONHASHSEED="123"))
+    # A separate process with another hash seed: the command runs as documented (from the repository
+    # root, nothing else on the path), and what it writes does not depend on Python's string hashing.
+    command = [sys.executable, "-m", "data.synthetic", "--out", str(tmp_path), "--train", "12", "--test", "5",
+               "--seed", "2"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    subprocess.run(command, check=True, cwd=Path(synthetic.__file__).parents[1], env=dict(env, PYTHONHASHSEED="123"))
     rows = json.loads((tmp_path / "train.json").read_text())
     expected = [step for t in synthetic.make_tasks("train", 12, seed=2)
                 for step in synthetic.explode(synthetic.trajectory(t))]

@@ -8,7 +8,7 @@ import slm
 from slm.tokenizer import NAMES, names_pattern
 from conftest import shared_path
 
-# docs/OPT.md section 3: ids that transformers' OPT tests hard-code.
+# Ids that transformers' own OPT tests hard-code (tests/models/opt/ in its repository).
 HF_VECTORS = [
     ("A photo of a cat", True, [2, 250, 1345, 9, 10, 4758]),
     ("Today is a beautiful day and I want to", False, [5625, 16, 10, 2721, 183, 8, 38, 236, 7]),
