@@ -5,7 +5,7 @@
     python train.py --data data/toolbench --out runs/paper --resume   # continue a killed run exactly
     torchrun --nproc_per_node=8 train.py --data data/toolbench --out runs/paper   # data-parallel
 
-The recipe (arXiv 2512.15943, docs/TOOLBENCH.md): full fine-tune of facebook/opt-350m for one epoch of
+The recipe (arXiv 2512.15943): full fine-tune of facebook/opt-350m for one epoch of
 ToolBench's DFS trajectories; AdamW (lr 5e-5, weight decay 0.01), 100 warmup steps then linear decay,
 an effective batch of 32 rows, max grad norm 0.3, fp16 mixed precision with dynamic loss scaling.
 
@@ -46,7 +46,8 @@ loss or gradient is not finite is skipped and counted; --max-bad-steps of them i
 checkpoint, so a killed run logs, once resumed, the losses it would have logged.
 
 Outputs in --out: train_config.json, metrics.jsonl (one JSON object per logged step, eval_loss entries),
-checkpoints/step_XXXXXXXX/ (the last --keep), and final/ (Hugging Face format with the tokenizer).
+loss.png (train and eval loss against the step, redrawn at each eval), checkpoints/step_XXXXXXXX/ (the last
+--keep), and final/ (Hugging Face format with the tokenizer).
 """
 
 import argparse
@@ -69,6 +70,7 @@ from tqdm import tqdm
 import slm
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
 from slm.muon import Muon
+from slm.plots import plot_loss
 from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
 
@@ -129,8 +131,8 @@ SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 
 OPTIMIZERS = ("adamw", "muon")
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PERF.md). A 8192^3 bf16 matmul reaches
-# about 790 TFLOP/s on an H100 SXM in practice; both ratios are printed.
+# Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PaLM, arXiv 2204.02311, appendix B).
+# A 8192^3 bf16 matmul reaches about 790 TFLOP/s on an H100 SXM in practice; both ratios are printed.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PRACTICAL_H100_FLOPS = 790e12
 
@@ -290,8 +292,9 @@ def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> li
 
 
 def flops_per_token(model: slm.OPT, seq_len: int) -> float:
-    """Training FLOPs per token, 6*N_mm + 12*L*d*T (PERF.md): N_mm counts the weights used in matmuls
-    (every Linear and the tied head, not the position table); the second term is attention's."""
+    """Training FLOPs per token, 6*N_mm + 12*L*d*T (PaLM's MFU, arXiv 2204.02311 appendix B): N_mm counts
+    the weights used in matmuls (every Linear and the tied head, not the position table); the second
+    term is attention's."""
     n_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     n_mm += model.lm_head_weight.numel()
     c = model.config
@@ -308,7 +311,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(root.glob("step_[0-9]*")) if root.is_dir() else []
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizers, scaler, cfg, rank, world, keep):
+def save_checkpoint(run_dir: Path, *, step: int, state: dict, model, optimizers, scaler, cfg: TrainConfig,
+                    rank: int, world: int, keep: int) -> Path:
     """Write into checkpoints/.tmp_step_N, then rename it to step_N: a killed run leaves either the
     whole checkpoint or a temp dir that resume ignores. Every rank saves its own RNG state."""
     root = run_dir / "checkpoints"
@@ -336,6 +340,35 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, model, optimizers, sc
             shutil.rmtree(old)
     barrier(world)
     return final
+
+
+def load_checkpoint(ckpt: Path, *, model, optimizers, scaler, loader: PackedLoader, rank: int,
+                    device: torch.device) -> tuple[int, dict]:
+    """Restore what save_checkpoint wrote: weights, optimizer states, loss scale, data position and this
+    rank's RNG. Returns (step, trainer state). Each optimizer keeps this run's peak learning rate."""
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
+    saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    if isinstance(saved, dict):      # written before --optimizer existed: AdamW's state alone
+        saved = [saved]
+    if len(saved) != len(optimizers):
+        fail(f"cannot resume {ckpt}: it holds {len(saved)} optimizer state(s), this run's --optimizer has "
+             f"{len(optimizers)}")
+    for optimizer, optimizer_state in zip(optimizers, saved):
+        peaks = [group["peak_lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(optimizer_state)   # this takes the checkpoint's param groups
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["peak_lr"] = peak      # this run's --lr / --muon-lr, as for every other setting
+    scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        loader.load_state_dict(state.pop("loader"))
+    except ValueError as err:
+        fail(f"cannot resume {ckpt}: {err}")
+    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state.pop("step"), state
 
 
 def barrier(world: int):
@@ -378,10 +411,31 @@ def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
     cfg.tokenizer, cfg.data = str(tok_dir), str(data_dir)
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+# ------------------------------------------------------------------------------------------ phases
+# main() runs these in order: setup, tokenizer, data, model, optimizer, resume, loop, summary.
 
-    # ---------------------------------------------------------------------------------------- setup
+
+@dataclass
+class Processes:
+    """Where this process runs: torchrun's world, its rank, its device and precision."""
+
+    world: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    amp_dtype: torch.dtype
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def say(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def setup(cfg: TrainConfig) -> tuple[Processes, Path]:
+    """Processes and device, precision, and a writable run directory that is not another run's."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -393,10 +447,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
     cfg.dtype = cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    amp_dtype = DTYPES[cfg.dtype]
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on GPU: TF32 tensor cores
     torch.backends.cudnn.allow_tf32 = True
 
@@ -412,23 +463,47 @@ def main(argv=None):
     if checkpoints and not cfg.resume:
         fail(f"{run_dir} already holds checkpoints ({checkpoints[-1].name}): pass --resume to continue "
              "that run, or choose another --out")
+    return Processes(world, rank, local_rank, device, DTYPES[cfg.dtype]), run_dir
 
-    # ----------------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer_for(cfg: TrainConfig, procs: Processes, run_dir: Path):
+    """The model's tokenizer, or (smoke) the one trained on the generated corpus, with its data."""
     if cfg.tokenizer is None and cfg.model is not None:
         try:
             cfg.tokenizer = str(resolve_checkpoint(cfg.model))
         except slm.CheckpointError as err:
             fail(f"--model: {err}")
     if cfg.preset == "smoke" and cfg.data is None:
-        smoke_data(cfg, run_dir / "smoke", master, world)   # sets cfg.data (and cfg.tokenizer if unset)
+        smoke_data(cfg, run_dir / "smoke", procs.master, procs.world)   # sets cfg.data (and cfg.tokenizer if unset)
     if cfg.tokenizer is None:
         fail("a randomly initialised model needs --tokenizer DIR")
     try:
-        tok = slm.load_tokenizer(cfg.tokenizer)
+        return slm.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as err:
         fail(f"tokenizer: {err}")
 
-    # ---------------------------------------------------------------------------------------- data
+
+@dataclass
+class Data:
+    """The loaders and the step arithmetic of the run (see the module docstring)."""
+
+    stats: dict
+    train_idx: list
+    eval_idx: list
+    loader: PackedLoader
+    eval_batches: list
+    mode: str
+    rows_per_epoch: int
+    turns: float            # trained turns of the training split
+    paper_steps: float      # the paper's optimizer steps for them
+    accum: int              # micro-batches per step on this process
+    steps_per_epoch: int
+    total_steps: int
+    lm_steps: int           # the first steps, trained as language modelling
+
+
+def load_data(cfg: TrainConfig, tok, procs: Processes) -> Data:
+    """The shards, split by query into train / held-out, and how many micro-batches make a step."""
     if cfg.data is None:
         fail("--data DIR is required: the shard directory written by data/prepare.py")
     try:
@@ -441,6 +516,7 @@ def main(argv=None):
     if len(train_idx) == 0:
         fail(f"--data {cfg.data} holds no training examples")
     mode = "packed" if cfg.packing else "padded"
+    world, rank = procs.world, procs.rank
     # Each process reads its own slice of every global micro-batch; with the same global batch the
     # steps see the same rows whatever the number of processes.
     loader = PackedLoader(dataset, seq_len=cfg.max_len, rows=cfg.batch_size, seed=cfg.seed,
@@ -459,16 +535,19 @@ def main(argv=None):
     if cfg.grad_accum % world:
         fail(f"--grad-accum {cfg.grad_accum} is not divisible by the {world} processes: the global batch "
              "is split evenly (choose a multiple, or change --batch-size)")
-    accum = cfg.grad_accum // world                       # micro-batches per step on this process
+    accum = cfg.grad_accum // world
     steps_per_epoch = -(-len(loader) // accum)            # the last step of an epoch may be short
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     if total_steps < 1:
         fail(f"nothing to train: {total_steps} steps (--epochs {cfg.epochs}, --max-steps {cfg.max_steps})")
     if not 0.0 <= cfg.lm_fraction <= 1.0:
         fail(f"--lm-fraction {cfg.lm_fraction} is not a share between 0 and 1")
-    lm_steps = round(cfg.lm_fraction * total_steps)
+    return Data(stats, train_idx, eval_idx, loader, eval_batches, mode, rows_per_epoch, turns, paper_steps,
+                accum, steps_per_epoch, total_steps, round(cfg.lm_fraction * total_steps))
 
-    # --------------------------------------------------------------------------------------- model
+
+def build_model(cfg: TrainConfig, tok, procs: Processes):
+    """(the model to call, which is DDP's wrapper under torchrun, and the model itself)."""
     torch.manual_seed(cfg.seed)
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
@@ -484,204 +563,241 @@ def main(argv=None):
              f"{model.config.vocab_size}: they do not belong together")
     if cfg.max_len > model.config.max_position_embeddings:
         fail(f"--max-len {cfg.max_len} exceeds the model's {model.config.max_position_embeddings} positions")
-    model.to(device).train()           # fp32 master weights; autocast computes in cfg.dtype
+    model.to(procs.device).train()           # fp32 master weights; autocast computes in cfg.dtype
     raw_model = model
-    if world > 1:
+    if procs.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per process, as the data does
+            model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process, as the data does
+    return model, raw_model
 
-    # ----------------------------------------------------------------------------------- optimizer
-    optimizers = make_optimizers(raw_model, cfg, fused=device.type == "cuda")
-    # fp16 needs dynamic loss scaling (gradients underflow otherwise); bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.dtype != "fp32")
 
-    # -------------------------------------------------------------------------------------- resume
+def resume(cfg: TrainConfig, procs: Processes, run_dir: Path, model, optimizers, scaler, loader) -> tuple[int, dict]:
+    """(step, trainer state) from the latest checkpoint with --resume, else a fresh start; and metrics.jsonl
+    made to hold exactly the lines of the steps done."""
     step, state = 0, {"skipped_steps": 0, "tokens": 0, "trained_tokens": 0}
     metrics_path = run_dir / "metrics.jsonl"
+    checkpoints = checkpoint_dirs(run_dir)
     if cfg.resume and checkpoints:
         ckpt = checkpoints[-1]
-        raw_model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-        saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-        if isinstance(saved, dict):      # written before --optimizer existed: AdamW's state alone
-            saved = [saved]
-        if len(saved) != len(optimizers):
-            fail(f"cannot resume {ckpt}: it holds {len(saved)} optimizer state(s), --optimizer "
-                 f"{cfg.optimizer} has {len(optimizers)}")
-        for optimizer, optimizer_state in zip(optimizers, saved):
-            peaks = [group["peak_lr"] for group in optimizer.param_groups]
-            optimizer.load_state_dict(optimizer_state)   # this takes the checkpoint's param groups
-            for group, peak in zip(optimizer.param_groups, peaks):
-                group["peak_lr"] = peak      # this run's --lr / --muon-lr, as for every other setting
-        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        try:
-            loader.load_state_dict(state.pop("loader"))
-        except ValueError as err:
-            fail(f"cannot resume {ckpt}: {err}")
-        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        step = state.pop("step")
+        step, state = load_checkpoint(ckpt, model=model, optimizers=optimizers, scaler=scaler, loader=loader,
+                                      rank=procs.rank, device=procs.device)
         saved = json.loads((ckpt / "config.json").read_text())
         changed = {k: (saved[k], v) for k, v in asdict(cfg).items()
                    if k in saved and saved[k] != v and k not in ("resume", "max_steps", "out")}
         if changed:
-            say(f"warning: resuming with settings that differ from the checkpoint's: {changed}")
-        if master:  # the killed run may have logged past its last checkpoint: those lines go
+            procs.say(f"warning: resuming with settings that differ from the checkpoint's: {changed}")
+        if procs.master:  # the killed run may have logged past its last checkpoint: those lines go
             kept = [line for line in metrics_path.read_text().splitlines()
                     if json.loads(line)["step"] <= step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in kept))
-        say(f"resumed from {ckpt} at step {step}")
+        procs.say(f"resumed from {ckpt} at step {step}")
     elif cfg.resume:
-        say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-    if master and step == 0:
+        procs.say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+    if procs.master and step == 0:
         metrics_path.write_text("")
-    if master:
+    if procs.master:
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    return step, state
 
-    flop_per_token = flops_per_token(raw_model, cfg.max_len)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda"
-                 and k in torch.cuda.get_device_name(device)), None)
+
+def describe(cfg: TrainConfig, procs: Processes, data: Data, model, flop_per_token: float):
+    """The resolved config, the data, what one step holds and the model, printed at start."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
-    say("config " + json.dumps(asdict(cfg)))
-    say(f"data: {len(train_idx)} train / {len(eval_idx)} held-out examples from {stats['rows_used']} rows "
-        f"({stats['trained_turns']} trained turns); {rows_per_epoch} {mode} rows of {cfg.max_len} per epoch")
-    say(f"step: {cfg.batch_size} rows x {cfg.grad_accum} micro-batches ({world} process(es)) = "
-        f"{rows_per_step} {mode} rows, holding {rows_per_step * turns / rows_per_epoch:.1f} trained turns "
-        f"on average = as many paper rows (paper: {cfg.paper_rows}); {steps_per_epoch} steps/epoch "
-        f"(paper-equivalent: {paper_steps:.0f}), {total_steps} steps in all")
-    say(f"model: {raw_model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
-        f"{cfg.dtype} on {device}, attn {cfg.attn}")
+    stats = data.stats
+    procs.say("config " + json.dumps(asdict(cfg)))
+    procs.say(f"data: {len(data.train_idx)} train / {len(data.eval_idx)} held-out examples from {stats['rows_used']} "
+              f"rows ({stats['trained_turns']} trained turns); {data.rows_per_epoch} {data.mode} rows of "
+              f"{cfg.max_len} per epoch")
+    procs.say(f"step: {cfg.batch_size} rows x {cfg.grad_accum} micro-batches ({procs.world} process(es)) = "
+              f"{rows_per_step} {data.mode} rows, holding {rows_per_step * data.turns / data.rows_per_epoch:.1f} "
+              f"trained turns on average = as many paper rows (paper: {cfg.paper_rows}); {data.steps_per_epoch} "
+              f"steps/epoch (paper-equivalent: {data.paper_steps:.0f}), {data.total_steps} steps in all")
+    procs.say(f"model: {model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
+              f"{cfg.dtype} on {procs.device}, attn {cfg.attn}")
+
+
+def eval_loss(model, raw_model, eval_batches: list, autocast, procs: Processes) -> float:
+    """Mean loss per trained token over the held-out split (every process takes its share)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=procs.device)   # (loss sum, trained tokens)
+    with torch.no_grad(), autocast:
+        for b in eval_batches:
+            loss_sum, n = micro_batch_loss(raw_model, b, raw_model.lm_head_weight, procs.device)
+            total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=procs.device)])
+    if procs.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, scaler, autocast, cfg: TrainConfig,
+               procs: Processes) -> dict:
+    """One optimizer step over its micro-batches: {loss, gnorm, finite, tokens, trained}.
+
+    The loss is normalised by the trained tokens of the whole step, on every process (known before
+    backward). A step whose loss or gradient is not finite leaves the weights alone."""
+    world, device = procs.world, procs.device
+    # In language modelling every input token has its next token as target: n_tokens of them.
+    n_trained = torch.tensor([sum(b.n_tokens if lm else b.n_trained for b in micro),
+                              sum(b.n_tokens for b in micro)],
+                             dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(n_trained)
+    step_trained, step_tokens = int(n_trained[0]), int(n_trained[1])
+    loss_total = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        # DDP all-reduces gradients only on the last micro-batch; the others accumulate locally.
+        sync = i == len(micro) - 1 or world == 1
+        with nullcontext() if sync else model.no_sync():
+            with autocast:
+                loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device, lm)
+            # DDP averages over processes; x world turns that back into the step's sum.
+            loss = loss_sum * (world / max(step_trained, 1))
+            scaler.scale(loss).backward()
+        loss_total += loss_sum.detach()
+    if world > 1:
+        dist.all_reduce(loss_total)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
+    gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
+    for optimizer in optimizers:         # every group follows the schedule from its own peak
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["peak_lr"] / cfg.lr
+    loss_value = loss_total.item() / max(step_trained, 1)
+    # One host sync per step: a non-finite loss or gradient skips the update on every process alike
+    # (gnorm is computed from all-reduced gradients, loss_total was all-reduced).
+    finite = math.isfinite(loss_value) and math.isfinite(gnorm)
+    if finite:
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+    scaler.update()                      # fp16: halves the scale after an overflow, grows it later
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_value, "gnorm": gnorm, "finite": finite, "tokens": step_tokens, "trained": step_trained}
+
+
+class Meter:
+    """Throughput since the last log line, and the peak memory so far."""
+
+    def __init__(self, state: dict, device: torch.device):
+        self.device = device
+        self.t_last, self.tokens_last, self.trained_last = time.perf_counter(), state["tokens"], state["trained_tokens"]
+
+    def read(self, state: dict) -> tuple[float, float, float]:
+        """(tokens/s, trained tokens/s, peak memory in GiB)."""
+        now = time.perf_counter()
+        dt = now - self.t_last
+        tok_s = (state["tokens"] - self.tokens_last) / dt
+        trained_s = (state["trained_tokens"] - self.trained_last) / dt
+        self.t_last, self.tokens_last, self.trained_last = now, state["tokens"], state["trained_tokens"]
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:   # Linux reports ru_maxrss in KiB
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return tok_s, trained_s, mem
+
+
+def step_log(step: int, lm: bool, lr: float, result: dict, state: dict, meter: Meter, flop_per_token: float,
+             peak: float | None) -> tuple[dict, str]:
+    """A logged step's metrics.jsonl record and its log line (MFU only on a GPU whose peak is known)."""
+    tok_s, trained_s, mem = meter.read(state)
+    loss, gnorm = result["loss"], result["gnorm"]
+    record = {"step": step, "loss": loss, "objective": "lm" if lm else "turns",
+              "lr": lr, "gnorm": gnorm, "tok_s": tok_s, "trained_tok_s": trained_s,
+              "peak_mem_gib": mem, "skipped_steps": state["skipped_steps"]}
+    mfu = ""
+    if peak:
+        record["mfu"] = flop_per_token * tok_s / peak
+        mfu = f" | mfu {record['mfu']:.1%} ({flop_per_token * tok_s / PRACTICAL_H100_FLOPS:.1%} of a 790 TF matmul)"
+    line = (f"step {step:6d} | {'lm ' if lm else ''}loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
+            f"tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
+            + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
+    return record, line
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    procs, run_dir = setup(cfg)
+    tok = load_tokenizer_for(cfg, procs, run_dir)
+    data = load_data(cfg, tok, procs)
+    model, raw_model = build_model(cfg, tok, procs)
+
+    optimizers = make_optimizers(raw_model, cfg, fused=procs.device.type == "cuda")
+    # fp16 needs dynamic loss scaling (gradients underflow otherwise); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=cfg.dtype == "fp16")
+    autocast = torch.autocast(procs.device.type, dtype=procs.amp_dtype, enabled=cfg.dtype != "fp32")
+
+    step, state = resume(cfg, procs, run_dir, raw_model, optimizers, scaler, data.loader)
+    metrics_path, loss_png = run_dir / "metrics.jsonl", run_dir / "loss.png"
+    flop_per_token = flops_per_token(raw_model, cfg.max_len)
+    peak = next((v for k, v in PEAK_FLOPS.items() if procs.device.type == "cuda"
+                 and k in torch.cuda.get_device_name(procs.device)), None)
+    describe(cfg, procs, data, raw_model, flop_per_token)
 
     # ------------------------------------------------------------------------------------ training
-    def evaluate() -> float:
-        """Mean loss per trained token over the held-out split (every process takes its share)."""
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)   # (loss sum, trained tokens)
-        with torch.no_grad(), autocast:
-            for b in eval_batches:
-                loss_sum, n = micro_batch_loss(raw_model, b, raw_model.lm_head_weight, device)
-                total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=device)])
-        if world > 1:
-            dist.all_reduce(total)
-        model.train()
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    steps = optimizer_steps(loader, accum)
+    steps = optimizer_steps(data.loader, data.accum)
     bad_in_a_row, last_eval, loss_value = 0, None, float("nan")
-    t_start = t_last = time.perf_counter()
-    tokens_last, trained_last, step_start = state["tokens"], state["trained_tokens"], step
-    tokens_start = state["tokens"]
-    bar = tqdm(total=total_steps, initial=step, disable=not master, unit="step", dynamic_ncols=True)
-    while step < total_steps:
+    t_start = time.perf_counter()
+    meter = Meter(state, procs.device)
+    step_start, tokens_start = step, state["tokens"]
+    bar = tqdm(total=data.total_steps, initial=step, disable=not procs.master, unit="step", dynamic_ncols=True)
+    while step < data.total_steps:
         micro, position = next(steps)
-        lm = step < lm_steps
-        # Normalise by the trained tokens of the whole step, on every process: known before backward.
-        # In language modelling every input token has its next token as target: n_tokens of them.
-        n_trained = torch.tensor([sum(b.n_tokens if lm else b.n_trained for b in micro),
-                                  sum(b.n_tokens for b in micro)],
-                                 dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(n_trained)
-        step_trained, step_tokens = int(n_trained[0]), int(n_trained[1])
-        loss_total = torch.zeros((), device=device)
-        for i, b in enumerate(micro):
-            # DDP all-reduces gradients only on the last micro-batch; the others accumulate locally.
-            sync = i == len(micro) - 1 or world == 1
-            with nullcontext() if sync else model.no_sync():
-                with autocast:
-                    loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device, lm)
-                # DDP averages over processes; x world turns that back into the step's sum.
-                loss = loss_sum * (world / max(step_trained, 1))
-                scaler.scale(loss).backward()
-            loss_total += loss_sum.detach()
-        if world > 1:
-            dist.all_reduce(loss_total)
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        lr = lr_at(step, cfg, total_steps)
-        for optimizer in optimizers:         # every group follows the schedule from its own peak
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["peak_lr"] / cfg.lr
-        loss_value = loss_total.item() / max(step_trained, 1)
-        # One host sync per step: a non-finite loss or gradient skips the update on every process alike
-        # (gnorm is computed from all-reduced gradients, loss_total was all-reduced).
-        finite = math.isfinite(loss_value) and math.isfinite(gnorm.item())
-        if finite:
-            for optimizer in optimizers:
-                scaler.step(optimizer)
-            bad_in_a_row = 0
-        else:  # the schedule still advances, as in transformers' Trainer after an fp16 overflow
-            state["skipped_steps"] += 1
-            bad_in_a_row += 1
-        scaler.update()                      # fp16: halves the scale after an overflow, grows it later
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        lm = step < data.lm_steps
+        lr = lr_at(step, cfg, data.total_steps)
+        result = train_step(micro, lm, lr, model, raw_model, optimizers, scaler, autocast, cfg, procs)
+        loss_value, gnorm = result["loss"], result["gnorm"]
+        # The schedule advances after a skipped step too, as in transformers' Trainer after an fp16 overflow.
+        bad_in_a_row = 0 if result["finite"] else bad_in_a_row + 1
+        state["skipped_steps"] += not result["finite"]
         step += 1
-        state["tokens"] += step_tokens
-        state["trained_tokens"] += step_trained
+        state["tokens"] += result["tokens"]
+        state["trained_tokens"] += result["trained"]
         bar.update()
         if bad_in_a_row >= cfg.max_bad_steps:
             last = checkpoint_dirs(run_dir)
             bar.close()
             fail(f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (step {step}: loss "
-                 f"{loss_value}, grad norm {gnorm.item()}); stopping. The last good checkpoint is "
+                 f"{loss_value}, grad norm {gnorm}); stopping. The last good checkpoint is "
                  f"{last[-1] if last else 'none (no checkpoint was written yet)'}; try a lower --lr or --dtype bf16")
 
         # ------------------------------------------------------------------------ log, eval, save
-        if step % cfg.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            dt = now - t_last
-            tok_s = (state["tokens"] - tokens_last) / dt
-            trained_s = (state["trained_tokens"] - trained_last) / dt
-            t_last, tokens_last, trained_last = now, state["tokens"], state["trained_tokens"]
-            if device.type == "cuda":
-                mem = torch.cuda.max_memory_allocated(device) / 2**30
-            else:   # Linux reports ru_maxrss in KiB
-                mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            record = {"step": step, "loss": loss_value, "objective": "lm" if lm else "turns",
-                      "lr": lr, "gnorm": gnorm.item(), "tok_s": tok_s, "trained_tok_s": trained_s,
-                      "peak_mem_gib": mem, "skipped_steps": state["skipped_steps"]}
-            mfu = ""
-            if peak:
-                record["mfu"] = flop_per_token * tok_s / peak
-                mfu = (f" | mfu {record['mfu']:.1%} ({flop_per_token * tok_s / PRACTICAL_H100_FLOPS:.1%} "
-                       "of a 790 TF matmul)")
-            if master:
+        if step % cfg.log_every == 0 or step == data.total_steps:
+            record, line = step_log(step, lm, lr, result, state, meter, flop_per_token, peak)
+            if procs.master:
                 log_line(metrics_path, record)
-                bar.write(f"step {step:6d} | {'lm ' if lm else ''}loss {loss_value:.4f} | lr {lr:.2e} | "
-                          f"gnorm {gnorm.item():.3f} | tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | "
-                          f"mem {mem:.2f} GiB"
-                          + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
-        if eval_batches and (step % cfg.eval_every == 0 or step == total_steps):
-            last_eval = evaluate()
-            if master:
+                bar.write(line)
+        if data.eval_batches and (step % cfg.eval_every == 0 or step == data.total_steps):
+            last_eval = eval_loss(model, raw_model, data.eval_batches, autocast, procs)
+            if procs.master:
                 log_line(metrics_path, {"step": step, "eval_loss": last_eval})
                 bar.write(f"step {step:6d} | eval_loss {last_eval:.4f}")
-        if step % cfg.save_every == 0 or step == total_steps:
-            save_checkpoint(run_dir, step, {"step": step, "loader": position, **state},
-                            raw_model, optimizers, scaler, cfg, rank, world, cfg.keep)
+                plot_loss(metrics_path, loss_png)
+        if step % cfg.save_every == 0 or step == data.total_steps:
+            save_checkpoint(run_dir, step=step, state={"step": step, "loader": position, **state}, model=raw_model,
+                            optimizers=optimizers, scaler=scaler, cfg=cfg, rank=procs.rank, world=procs.world,
+                            keep=cfg.keep)
     bar.close()
 
     # ------------------------------------------------------------------------------ export, summary
-    if master:
+    if procs.master:
+        plot_loss(metrics_path, loss_png)
         tmp, final = run_dir / "final.tmp", run_dir / "final"
         shutil.rmtree(tmp, ignore_errors=True)
         slm.save_model(raw_model, tmp, tokenizer=tok)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     elapsed = time.perf_counter() - t_start
-    ran = step - step_start
-    say(f"done: {step} steps ({ran} this run) in {elapsed:.1f} s | last loss {loss_value:.4f}"
-        + (f" | eval_loss {last_eval:.4f}" if last_eval is not None else "")
-        + f" | {state['tokens']:,} tokens, {state['trained_tokens']:,} trained | "
-        f"{(state['tokens'] - tokens_start) / elapsed:,.0f} tok/s this run | skipped steps "
-        f"{state['skipped_steps']} | exported {run_dir / 'final'}")
-    if world > 1:
+    procs.say(f"done: {step} steps ({step - step_start} this run) in {elapsed:.1f} s | last loss {loss_value:.4f}"
+              + (f" | eval_loss {last_eval:.4f}" if last_eval is not None else "")
+              + f" | {state['tokens']:,} tokens, {state['trained_tokens']:,} trained | "
+              f"{(state['tokens'] - tokens_start) / elapsed:,.0f} tok/s this run | skipped steps "
+              f"{state['skipped_steps']} | exported {run_dir / 'final'} | loss curve {loss_png}")
+    if procs.world > 1:
         dist.destroy_process_group()
 
 

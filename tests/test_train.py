@@ -157,6 +157,7 @@ def test_loss_is_logged_and_export_matches_transformers(run_4x2):
     record = losses(run_4x2)
     assert sorted(record) == [1, 2] and all(10 < v < 11.5 for v in record.values())
     assert list(losses(run_4x2, "eval_loss")) == [2]
+    assert (run_4x2 / "loss.png").stat().st_size > 10_000   # what it shows: tests/test_plots.py
     final = run_4x2 / "final"
     ours = slm.load_model(final)
     theirs = transformers.OPTForCausalLM.from_pretrained(final).eval()
