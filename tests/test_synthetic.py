@@ -42,7 +42,7 @@ def _gold_calls(row):
         if message["from"] != "assistant":
             continue
         step = toolbench.parse_step(message["value"])
-        if step.action == "Finish":
+        if step.action == toolbench.FINISH:
             final_answer = step.action_input["final_answer"]
         else:
             calls.append((step.action, step.action_input, messages[i + 1]["value"]))
@@ -155,7 +155,7 @@ def test_execute_reports_errors_in_toolbench_shape(tasks):
         return observation["error"]
 
     assert "No such function" in error("nope_for_nothing", {})
-    assert "No such function" in error("Finish", {"return_type": "give_answer"})
+    assert "No such function" in error(toolbench.FINISH, {"return_type": "give_answer"})
     assert "Missing required parameter" in error(lookup, {})
     assert "Unexpected parameter" in error(lookup, {param: entity, "extra": 1})
     assert "must be a non-empty string" in error(lookup, {param: 7})

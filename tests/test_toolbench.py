@@ -1,4 +1,4 @@
-"""Tests of slm/toolbench.py against the real ToolBench files in ../shared/toolbench.
+"""Tests of slm/toolbench/ against the real ToolBench files in ../shared/toolbench.
 
     pytest tests/test_toolbench.py
 """
