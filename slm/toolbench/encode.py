@@ -87,9 +87,9 @@ def render_ids(conversations: list[dict], level: Level, enc: SegmentEncoder, tra
     """BOS + every message at `level`; mask 1 on the value and </s> of the assistant turns in `trained`."""
     ids, mask = [], []
 
-    def add_tokens(tokens: list[int], trained: bool) -> None:
+    def add_tokens(tokens: list[int], train: bool) -> None:   # nanochat's pattern: the mask grows with the ids
         ids.extend(tokens)
-        mask.extend([int(trained)] * len(tokens))
+        mask.extend([int(train)] * len(tokens))
 
     add_tokens([enc.bos], False)
     for i, message in enumerate(conversations):
