@@ -10,15 +10,20 @@
     flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, sm_scale=None)    # (total, H, D)
 
 On CPU tensors the kernels need TRITON_INTERPRET=1 set before triton is imported; otherwise they raise
-a RuntimeError saying so. Tests: `pytest tests/test_registry.py tests/test_flash_attention.py`.
+a RuntimeError saying so. triton installs on Linux x86-64 only; without it the registry and the torch
+implementations still work (slm needs them) and only the "triton" implementations are missing. Tests: `pytest tests/test_registry.py tests/test_flash_attention.py`.
 """
+
+import importlib.util
 
 from kernels import interpreter_fix
 from kernels.attention import eager_attention, sdpa_attention, triton_attention
-from kernels.flash_attention import flash_attention, flash_attention_varlen
 from kernels.reference import (attention_reference, attention_varlen_reference, layer_norm_reference,
                                linear_cross_entropy_reference)
 from kernels.registry import REFERENCE, available, get, register
+
+if importlib.util.find_spec("triton") is not None:
+    from kernels.flash_attention import flash_attention, flash_attention_varlen
 
 register("attention", "eager", eager_attention)
 register("attention", "sdpa", sdpa_attention)

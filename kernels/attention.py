@@ -22,8 +22,6 @@ Tests: `pytest tests/test_registry.py tests/test_kernel_conformance.py`.
 import torch
 import torch.nn.functional as F
 
-from kernels.flash_attention import flash_attention, flash_attention_varlen
-
 
 def _check(q, mask, cu_seqlens, where: str) -> None:
     if cu_seqlens is not None and mask is not None:
@@ -106,6 +104,9 @@ def _sdpa_per_sequence(q, k, v, lengths: list[int], causal: bool, scale, dropout
 def triton_attention(q, k, v, *, causal=True, scale=None, mask=None, cu_seqlens=None, max_seqlen=None,
                      dropout_p=0.0):
     """Our fused kernels (kernels/flash_attention.py); masked or Tq != Tk calls (decode steps) go to SDPA."""
+    # Imported on use: triton exists on Linux x86-64 only, and every other implementation works without it.
+    from kernels.flash_attention import flash_attention, flash_attention_varlen
+
     _check(q, mask, cu_seqlens, "triton")
     if dropout_p > 0:
         raise ValueError(f"kernels/attention.py (triton): dropout_p={dropout_p}, but the Triton kernels have "
