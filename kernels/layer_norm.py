@@ -17,8 +17,9 @@ torch sums the (programs, N) partials afterwards. There are as many programs as 
 are small and no atomics (non-deterministic, no bf16) are needed.
 
 Precision: statistics and all arithmetic in fp32; z is rounded to the dtype `x + residual` has in torch
-before the statistics, as the unfused model computes it; y is stored in x's dtype, dx in x's dtype,
-dresidual in residual's dtype, dw/db in the parameters' dtypes. Inputs fp32, fp16, bf16 (weight and bias
+before the statistics, as the unfused model computes it; y is stored in that dtype too (x's own when x
+and residual agree, as in kernels/reference.py's layer_norm_reference), dx in x's dtype, dresidual in
+residual's dtype, dw/db in the parameters' dtypes. Inputs fp32, fp16, bf16 (weight and bias
 may differ from x, e.g. fp32 parameters under autocast); x's last dim is made unit-stride if it is not.
 
 References: Ba et al., "Layer Normalization" (arXiv:1607.06450); Triton's layer-norm tutorial
@@ -27,7 +28,7 @@ ops/layer_norm.py for one block of rows per SM; flash-attn's ops/triton/layer_no
 residual add.
 
     from kernels.layer_norm import layer_norm
-    y = layer_norm(x, weight, bias, eps=1e-5, residual=r)       # LayerNorm(x + r), x's shape and dtype
+    y = layer_norm(x, weight, bias, eps=1e-5, residual=r)       # LayerNorm(x + r), x's shape
 
 Tests: `pytest tests/test_layer_norm.py` (CPU through TRITON_INTERPRET=1, see kernels/interpreter_fix.py).
 """
@@ -50,7 +51,7 @@ def _layer_norm_fwd_kernel(
     Z,  # (M, N) out: x + residual, saved for the backward (unused without HAS_RESIDUAL)
     W,  # (N,) weight (unused without HAS_WEIGHT)
     B,  # (N,) bias (unused without HAS_BIAS)
-    Y,  # (M, N) out: normalised rows, x's dtype
+    Y,  # (M, N) out: normalised rows, in the dtype of x + residual
     MEAN,  # (M,) fp32 out
     RSTD,  # (M,) fp32 out
     stride_x,  # row strides; every last dim is unit-stride
@@ -225,9 +226,9 @@ def _forward(x, weight, bias, residual, eps):
     """x, residual (M, N). Returns y (M, N), the normalised input z (x itself without residual), mean, rstd."""
     rows, width = x.shape
     cfg = launch_config(width)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     z = x if residual is None else torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype),
                                                device=x.device)
+    y = torch.empty(x.shape, dtype=z.dtype, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     r = x if residual is None else residual  # placeholders for unused pointers are never read
@@ -292,7 +293,7 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm(x, weight, bias, eps: float, residual=None) -> torch.Tensor:
-    """LayerNorm(x + residual) over the last dim; x's shape and dtype, differentiable in all inputs.
+    """LayerNorm(x + residual) over the last dim; x's shape, the dtype of x + residual, differentiable in all inputs.
 
     x, residual (..., N) with N <= 8192; weight, bias (N,) or None (no scale / no shift).
     """
