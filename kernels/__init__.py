@@ -16,6 +16,8 @@ a RuntimeError saying so. Tests: `pytest tests/test_registry.py tests/test_flash
 from kernels import interpreter_fix
 from kernels.attention import eager_attention, sdpa_attention, triton_attention
 from kernels.flash_attention import flash_attention, flash_attention_varlen
+from kernels.layer_norm import layer_norm
+from kernels.linear_cross_entropy import linear_cross_entropy
 from kernels.reference import (attention_reference, attention_varlen_reference, layer_norm_reference,
                                linear_cross_entropy_reference)
 from kernels.registry import REFERENCE, available, get, register
@@ -24,7 +26,9 @@ register("attention", "eager", eager_attention)
 register("attention", "sdpa", sdpa_attention)
 register("attention", "triton", triton_attention)
 register("layer_norm", "torch", layer_norm_reference)
+register("layer_norm", "triton", layer_norm)
 register("linear_cross_entropy", "torch", linear_cross_entropy_reference)
+register("linear_cross_entropy", "triton", linear_cross_entropy)
 
 __all__ = ["flash_attention", "flash_attention_varlen", "attention_reference", "attention_varlen_reference",
            "layer_norm_reference", "linear_cross_entropy_reference", "interpreter_fix",
