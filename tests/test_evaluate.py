@@ -236,6 +236,26 @@ def test_export_matches_the_converted_answer_format(scripted):
     assert json.loads(good["final_answer"]) == ANSWER
 
 
+def test_an_episode_that_cannot_start_is_a_failed_prediction(tmp_path):
+    class Full(Script):
+        def prompt(self, history):
+            if "too long" in history[1]["value"]:
+                raise ValueError("the history does not fit")
+            return super().prompt(history)
+
+    scripts = {"too long": [], "good": SCRIPTS["good"]}
+    episodes = [Episode("toy", str(i), q, toolbench.functions_from_api_list(QUERY["api_list"]),
+                        toolbench.conversation_start({**QUERY, "query": q}, {}), recorded_env(QUERY), [])
+                for i, q in enumerate(scripts)]
+    run_episodes(episodes, Full(scripts), 10, "test")
+    assert [e.outcome for e in episodes] == ["context_full", "finished"]
+    evaluate.write_judge_input(tmp_path, "toy", episodes)
+    predictions = json.loads((tmp_path / "predictions/toy.json").read_text())
+    assert json.loads((tmp_path / "test_query_ids/toy.json").read_text()) == {"0": 0, "1": 0}
+    assert set(predictions) == {"0", "1"}
+    assert predictions["0"]["answer"]["total_steps"] == 2 and predictions["0"]["answer"]["final_answer"] == ""
+
+
 def test_synthetic_gold_passes_and_wrong_answer_fails(tmp_path):
     from data import synthetic
 
