@@ -18,6 +18,7 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib",   # evaluate.py's pass_rate.png
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
     extras_require={"test": ["pytest", "transformers>=4.40"]},

@@ -368,6 +368,7 @@ def test_synthetic_end_to_end(tiny_model, tmp_path):
     results = evaluate.main(["--model", str(tiny_model), "--suite", "synthetic", "--limit", "3",
                              "--out", str(tmp_path), *FAST])
     assert results["overall"]["queries"] == 3 and "pass_rate_by_type" in results["overall"]
+    assert (tmp_path / "pass_rate.png").read_bytes().startswith(b"\x89PNG")
     record = json.loads((tmp_path / "records/synthetic.jsonl").read_text().splitlines()[0])
     assert "score" in record and "reasons" in record["score"]
 
