@@ -7,11 +7,12 @@
     result.status        # "ok" | "undeclared" | "error"
     result.outcome       # "ok" | "undeclared" | "tool_error" | "server_error" | "timeout"
 
-Offline (`recorded_env`), a declared function answers with what the query itself recorded about it: its `template_response` (the response schema StableToolBench stored
-with every API, e.g. {"name": "str", "_list_length": 10}), as `{"error": "", "response": <it as
-compact JSON text>}`. The model therefore sees real response *shapes*, never real values: the
-environment can check *how* a model calls tools (declared names, required arguments, relevant APIs),
-not whether its answer is right.
+Offline (`recorded_env`), a declared function answers with what the query itself recorded about
+it: its `template_response` (the response schema StableToolBench stored with every API, e.g.
+{"name": "str", "_list_length": 10}), as `{"error": "", "response": <it as compact JSON text>}`.
+The model therefore sees real response *shapes*, never real values: the environment can check *how*
+a model calls tools (declared names, required arguments, relevant APIs), not whether its answer is
+right.
 
 Errors follow ToolBench's wording and shape (`toolbench/inference/Downstream_tasks/rapidapi.py`):
 an undeclared function gets `{"error": "No such function name: <name>", "response": ""}`; a call

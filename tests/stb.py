@@ -92,7 +92,8 @@ def server(workdir: Path):
                 "tools_folder": SHARED / "toolbench/tools/toolenv2404", "port": port}
     lines = [line for line in (STB / "server/config.yml").read_text().splitlines()
              if line.split(":")[0] not in settings]
-    lines += [f"{key}: {json.dumps(str(value)) if isinstance(value, Path) else value}" for key, value in settings.items()]
+    lines += [f"{key}: {json.dumps(str(value)) if isinstance(value, Path) else value}"
+              for key, value in settings.items()]
     (workdir / "config.yml").write_text("\n".join(lines) + "\n")
     log = workdir / "server.out"
     with open(log, "w") as out:

@@ -16,6 +16,7 @@ import pytest
 import stb
 from conftest import SHARED
 from slm import toolbench
+from slm.react import Episode, run_episodes
 from slm.tool_env import server_env
 from test_evaluate import RUNAWAY, Script, evaluate, step, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
@@ -109,11 +110,11 @@ def test_failures_are_error_observations(url, queries, tmp_path):
                     stb.stop(process)
                 return super().prompt(history)
 
-        episode = evaluate.Episode("G1_instruction", "588", queries[588]["query"],
-                                   toolbench.functions_from_api_list(queries[588]["api_list"]),
-                                   toolbench.conversation_start(queries[588], {}),
-                                   server_env(queries[588], doomed, backoff=0.1), [])
-        evaluate.run_episodes([episode], Killing(scripts), 10, "test")
+        episode = Episode("G1_instruction", "588", queries[588]["query"],
+                          toolbench.functions_from_api_list(queries[588]["api_list"]),
+                          toolbench.conversation_start(queries[588], {}),
+                          server_env(queries[588], doomed, backoff=0.1), [])
+        run_episodes([episode], Killing(scripts), 10, "test")
     assert [s["outcome"] for s in episode.steps[:2]] == ["ok", "server_error"]
     assert "cannot be reached" in json.loads(episode.steps[1]["observation"])["error"]
     assert episode.outcome == "finished"
