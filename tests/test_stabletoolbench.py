@@ -9,7 +9,9 @@ first run ~40 s more to build .stb-venv/)
 
 import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,7 +20,7 @@ from conftest import SHARED
 from slm import toolbench
 from slm.react import Episode, run_episodes
 from slm.tool_env import server_env
-from test_evaluate import RUNAWAY, Script, evaluate, step, tiny_model  # noqa: F401  (tiny_model: a fixture)
+from test_evaluate import QUERY, RUNAWAY, Script, evaluate, step, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
 QUERIES = SHARED / "toolbench/queries/stabletoolbench_solvable/test_instruction/G1_instruction.json"
 TRAJECTORIES = SHARED / "toolbench/trajectories/stabletoolbench_example/virtual_chatgpt_dfs/G1_instruction"
@@ -200,3 +202,32 @@ def test_the_judge_reads_every_prediction(suite_run, queries, tmp_path):
         "608": {"0": "AnswerStatus.Solved", "1": "AnswerStatus.Solved"},
         "1073": {"0": "AnswerStatus.Unsolved", "1": "AnswerStatus.Unsolved"}}
     assert "Solve rate: 66.7% Std: 0.0%" in done.stdout
+
+
+def test_a_busy_server_is_asked_again_and_a_non_json_answer_is_an_error():
+    """A stand-in server on 127.0.0.1: 503 (busy) then an answer; then an answer that is not JSON."""
+    replies = [(503, b"busy"), (200, b'{"error": "", "response": "sunny"}'), (200, b"<html>oops</html>")]
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, body = replies.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as http:
+        threading.Thread(target=http.serve_forever, daemon=True).start()
+        env = server_env(QUERY, f"http://127.0.0.1:{http.server_address[1]}/virtual", key="K", backoff=0.01)
+        busy_then_ok = env.call("search_for_weather", {"city": "Paris"}, '{"city": "Paris"}')
+        not_json = env.call("search_for_weather", {"city": "Paris"}, '{"city": "Paris"}')
+        http.shutdown()
+    assert (busy_then_ok.outcome, busy_then_ok.observation) == ("ok", '{"error": "", "response": "sunny"}')
+    assert not_json.outcome == "server_error" and "not JSON" in not_json.error
+    assert bodies[0] == {"category": "Data", "tool_name": "weather", "api_name": "search",
+                         "tool_input": '{"city": "Paris"}', "strip": "truncate", "toolbench_key": "K"}
