@@ -1,8 +1,9 @@
-"""Evaluate a model on ToolBench tool calling, offline: no LLM judge, no live APIs.
+"""Evaluate a model on ToolBench tool calling: offline metrics, and the input of StableToolBench's judge.
 
     python evaluate.py --model runs/paper/final --suite stabletoolbench \
         --data ../shared/toolbench/queries/stabletoolbench_solvable/test_instruction/*.json \
-        --tools ../shared/toolbench/tools/toolenv2404 --out eval/paper
+        --tools ../shared/toolbench/tools/toolenv2404 --out eval/paper \
+        [--tool-server http://127.0.0.1:8080/virtual]    # StableToolBench's virtual API server
     python evaluate.py --model runs/paper/final --suite replay \
         --data ../shared/toolbench/sft/toolllama_dfs_data_example.json \
                ../shared/toolbench/trajectories/toolbench_dfs/G1_answer/*.json
@@ -10,12 +11,14 @@
 
 Suites
 ------
-stabletoolbench  Each test query runs a greedy ReAct loop of at most --max-steps (10) steps. The prompt
-                 is the training rendering of the conversation so far (`toolbench.prompt_ids`, the same
-                 fitting), a step is parsed with `toolbench.parse_step`, a tool call is answered by the
-                 offline environment of `slm/tool_env.py` (the API's recorded response template), and
-                 `Finish` ends the episode. All running episodes decode together: each round, one
-                 batched `slm.generate` over their prompts (in chunks of --batch-size).
+stabletoolbench  Each test query runs the greedy ReAct loop of `slm/react.py` for at most --max-steps
+                 (10) steps. The prompt is the training rendering of the conversation so far
+                 (`toolbench.prompt_ids`, the same fitting), a step is parsed with `toolbench.parse_step`,
+                 and `Finish` ends the episode. A tool call is answered by `slm/tool_env.py`: offline, the
+                 API's recorded response template; with --tool-server, StableToolBench's virtual API
+                 server (real cached responses, then its LLM simulator), --tool-workers calls at a time.
+                 All running episodes decode together: each round, one batched `slm.generate` over their
+                 prompts (in chunks of --batch-size).
 synthetic        The same loop over data/synthetic.py's test tasks, whose tools really run
                  (`synthetic.execute`); `synthetic.score` judges each answer exactly.
 replay           Gold trajectories (ToolLLaMA rows, DFS answer files, ToolEval converted answers):
@@ -32,29 +35,33 @@ hallucinated_function_rate  parsed steps whose action is not a declared function
 argument_valid_rate calls to declared tools with every required and no undeclared parameter.
 relevant_api_recall share of the query's `relevant APIs` called at least once (mean over queries).
 pass_rate           (synthetic) final answer holds the right value(s) and every call was valid.
+calls               tool calls by outcome: ok, undeclared, tool_error (the answer carries an error),
+                    server_error (no usable answer from --tool-server), timeout.
 replay: parse_rate, action_accuracy, argument_exact_match (same action, JSON-equal arguments),
         finish_accuracy (the Finish decision and its return_type agree with gold).
 
-An episode ends with one outcome: finished, empty_answer, gave_up, step_budget, malformed_step (the
-step does not parse), runaway (no </s> within --max-new-tokens), context_full (the history cannot be
-fitted). Unlike ToolBench's runner, a malformed step ends the episode instead of being sent back as
-an error observation. Finish without a return_type / final_answer gets ToolBench's error observation.
+Episode outcomes (finished, gave_up, malformed_step, runaway, context_full, ...) are slm/react.py's.
 
-Output in --out: results.json (metrics, config, model, commit, timings), records/<subset>.jsonl (one
-line per query or step, with the reason of each failure), predictions/<subset>.json (ToolEval's
-converted-answer format, stabletoolbench suite only), and a table on stdout. StableToolBench's judge
-reads the predictions as they are:
+Output in --out: results.json (metrics, config, model, commit, timings; never the toolbench key),
+records/<subset>.jsonl (one line per query or step, with the reason of each failure), pass_rate.png,
+a table on stdout, and for the stabletoolbench suite StableToolBench's judge input:
+predictions/<subset>.json (ToolEval's converted-answer format, one per query read, a query that
+could not start included) and test_query_ids/<subset>.json. From a StableToolBench checkout, with OUT
+an absolute path and pool.json holding [{"api_key": "...", "api_base": "https://api.openai.com/v1"}]:
 
-    cd StableToolBench/toolbench/tooleval && python eval_pass_rate.py --converted_answer_path OUT \\
-        --reference_model predictions --test_ids ../../solvable_queries/test_query_ids --test_set G1_instruction
+    cd StableToolBench/toolbench/tooleval && mkdir -p OUT/judged && \\
+    API_POOL_FILE=pool.json python eval_pass_rate.py --converted_answer_path OUT \\
+        --save_path OUT/judged --reference_model predictions --test_ids OUT/test_query_ids \\
+        --test_set G1_instruction --evaluate_times 3
 """
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,16 +70,14 @@ from tqdm import tqdm
 import slm
 from slm import toolbench
 from slm.generate import generate
-from slm.tool_env import FINISH, ToolEnv, argument_problems, recorded_env
+from slm.plots import plot_pass_rate
+from slm.react import Episode, run_episodes
+from slm.tokenizer import EOS_ID
+from slm.tool_env import FINISH, OUTCOMES, ToolEnv, recorded_env, server_env
 from slm.weights import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent
-EOS_ID = 2
 SYNTHETIC_TEST_TASKS, SYNTHETIC_SEED = 200, 0   # data/synthetic.py's defaults for its test split
-# ToolBench's replies to a malformed Finish (rapidapi.py), kept byte for byte.
-FINISH_NO_RETURN_TYPE = '{error:"must have "return_type""}'
-FINISH_NO_ANSWER = '{error:"must have "final_answer""}'
-FINISH_BAD_RETURN_TYPE = '{error:""return_type" is not a valid choice"}'
 
 
 # ============================================================================ command line
@@ -113,12 +118,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--attn", default="sdpa", choices=slm.model.ATTENTION_IMPLEMENTATIONS,
                         help="attention implementation for the prefill (default sdpa)")
+    parser.add_argument("--tool-server", default=None, metavar="URL",
+                        help="stabletoolbench: send tool calls to this StableToolBench virtual API server, e.g. "
+                             "http://127.0.0.1:8080/virtual (default: the offline recorded environment)")
+    parser.add_argument("--toolbench-key", default=None,
+                        help="the server's toolbench_key (default: the TOOLBENCH_KEY variable); never written out")
+    parser.add_argument("--tool-timeout", type=float, default=30.0, help="seconds a tool call may take (default 30)")
+    parser.add_argument("--tool-workers", type=int, default=8,
+                        help="tool calls of one decoding round sent to the server at once (default 8)")
     args = parser.parse_args(argv)
     if args.suite in ("stabletoolbench", "replay") and not args.data:
         parser.error(f"--suite {args.suite} needs --data FILE...")
     if args.suite == "stabletoolbench" and args.tools is None:
         parser.error("--suite stabletoolbench needs --tools DIR (the tool descriptions of the system prompt)")
-    for name in ("batch_size", "max_new_tokens", "max_steps"):
+    if args.tool_server and args.suite != "stabletoolbench":
+        parser.error("--tool-server serves the stabletoolbench suite only")
+    for name in ("batch_size", "max_new_tokens", "max_steps", "tool_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.dtype == "auto":
@@ -171,112 +186,6 @@ class Decoder:
         return self.tok.decode(tokens[:-1] if stopped else tokens), stopped
 
 
-# ============================================================================ the ReAct loop
-
-@dataclass
-class Episode:
-    """One query being solved: its conversation so far, its tools, and what happened at each step."""
-
-    subset: str
-    query_id: str
-    query: str
-    functions: list[dict]           # declared functions, Finish last (also written to predictions)
-    history: list[dict]             # system, user, then assistant / function turns
-    env: ToolEnv
-    relevant: list[str]             # function names of the query's `relevant APIs`
-    task: dict | None = None        # synthetic task, scored by data/synthetic.py
-    steps: list[dict] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
-    final_answer: str | None = None
-    finish_arguments: str = ""      # the ending Finish call's arguments, as ToolEval's final_answer
-    outcome: str | None = None      # None while running
-    detail: str = ""
-
-    def end(self, outcome: str, detail: str = "") -> None:
-        self.outcome, self.detail = outcome, detail
-
-
-def take_step(episode: Episode, text: str, stopped: bool, max_steps: int) -> None:
-    """Apply one generated assistant step: parse it, answer the call or end the episode."""
-    step = {"text": text}
-    episode.steps.append(step)
-    if not stopped:
-        step["status"] = "runaway"
-        return episode.end("runaway", f"no </s> within the step's token limit; text ends {text[-80:]!r}")
-    try:
-        parsed = toolbench.parse_step(text)
-    except toolbench.ParseError as err:
-        step["status"] = "malformed"
-        return episode.end("malformed_step", str(err))
-    if not all(isinstance(key, str) for key in parsed.action_input):
-        # ast.literal_eval (ToolBench's fallback) accepts {1: 2}; no JSON object has such keys.
-        step["status"] = "malformed"
-        return episode.end("malformed_step", f"action input of {parsed.action!r} has non-string keys")
-    step.update(thought=parsed.thought, action=parsed.action, arguments=parsed.action_input)
-    episode.history.append({"from": "assistant", "value": text})
-
-    if parsed.action == FINISH:
-        observation = finish(episode, parsed.action_input)
-        step["status"] = "finish" if observation is None else "finish_error"
-    else:
-        result = episode.env.call(parsed.action, parsed.action_input)
-        step["status"], observation = result.status, result.observation
-        if result.status != "undeclared":
-            problems = argument_problems(episode.env.functions[parsed.action], parsed.action_input)
-            step["arguments_valid"] = not problems
-    if observation is not None:
-        step["observation"] = observation
-        episode.history.append({"from": "function", "value": observation})
-    if episode.outcome is None and len(episode.steps) >= max_steps:
-        episode.end("step_budget", f"no Finish within {max_steps} steps")
-
-
-def finish(episode: Episode, arguments: dict) -> str | None:
-    """ToolBench's Finish semantics: None when the episode ended, else the error observation to send."""
-    return_type = arguments.get("return_type")
-    if return_type is None:
-        return FINISH_NO_RETURN_TYPE
-    if return_type not in ("give_answer", "give_up_and_restart"):
-        return FINISH_BAD_RETURN_TYPE
-    if return_type == "give_answer" and "final_answer" not in arguments:
-        return FINISH_NO_ANSWER
-    episode.finish_arguments = json.dumps(arguments, ensure_ascii=False, indent=2, default=repr)
-    if return_type == "give_up_and_restart":
-        episode.end("gave_up")
-        return None
-    answer = arguments["final_answer"]
-    episode.final_answer = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, default=repr)
-    episode.end("finished" if episode.final_answer.strip() else "empty_answer",
-                "" if episode.final_answer.strip() else "Finish gave an empty final_answer")
-    return None
-
-
-def run_episodes(episodes: list[Episode], decoder: Decoder, max_steps: int, desc: str) -> None:
-    """Run every episode to its end; each round decodes the next step of all running episodes at once."""
-    bar = tqdm(total=len(episodes), desc=desc, unit="query", dynamic_ncols=True)
-    running = list(episodes)
-    round_ = 0
-    while running:
-        round_ += 1
-        prompts, active = [], []
-        for episode in running:
-            try:
-                prompt = decoder.prompt(episode.history)
-            except ValueError as err:
-                episode.end("context_full", str(err))
-                continue
-            episode.prompt_tokens.append(len(prompt))
-            prompts.append(prompt)
-            active.append(episode)
-        for episode, tokens in zip(active, decoder(prompts)):
-            take_step(episode, *decoder.text(tokens), max_steps)
-        still = [e for e in running if e.outcome is None]
-        bar.update(len(running) - len(still))
-        bar.set_postfix(step=round_, running=len(still))
-        running = still
-    bar.close()
-
-
 # ============================================================================ inputs
 
 def _subset_of(path: Path) -> str:
@@ -293,14 +202,11 @@ def _relevant_functions(query: dict) -> list[str]:
     return [by_pair[tuple(pair)] for pair in query["relevant APIs"]]
 
 
-def _load_json_list(path: Path) -> list:
+def _read_queries(path: Path) -> list[dict]:
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read it as JSON ({err})") from err
-    if not isinstance(items, list):
-        raise InputError(f"{path}: expected a JSON list of queries, got a {type(items).__name__}")
-    return items
+        return toolbench.read_queries(path)
+    except (OSError, ValueError) as err:   # JSONDecodeError is a ValueError
+        raise InputError(f"{path}: cannot read it as a list of queries ({err})") from err
 
 
 def _bad_item(message: str, err: Exception | None, skip_bad: bool, skipped: list) -> None:
@@ -312,20 +218,21 @@ def _bad_item(message: str, err: Exception | None, skip_bad: bool, skipped: list
     skipped.append(message)
 
 
-def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped) -> list[Episode]:
+def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped, make_env=recorded_env) -> list[Episode]:
+    """One episode per query; `make_env(query)` gives its tools (recorded templates, or a tool server)."""
     if not tools_dir.is_dir():
         raise InputError(f"--tools {tools_dir} is not a directory (expected <Category>/<tool>.json files)")
     tools = toolbench.tool_index(tools_dir)
     episodes = []
     for path in paths:
-        for index, query in enumerate(_load_json_list(path)[:limit]):
+        for index, query in enumerate(_read_queries(path)[:limit]):
             try:
-                if not isinstance(query.get("query"), str) or not isinstance(query.get("api_list"), list):
+                if not isinstance(query["query"], str) or not isinstance(query["api_list"], list):
                     raise ValueError("expected an object with a string 'query' and an 'api_list' list")
                 episodes.append(Episode(
                     subset=_subset_of(path), query_id=str(query["query_id"]), query=query["query"],
                     functions=toolbench.functions_from_api_list(query["api_list"]),
-                    history=toolbench.conversation_start(query, tools), env=recorded_env(query),
+                    history=toolbench.conversation_start(query, tools), env=make_env(query),
                     relevant=_relevant_functions(query)))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 _bad_item(f"{path}: query {index} is malformed", err, skip_bad, skipped)
@@ -335,7 +242,7 @@ def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped) -
 def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
     from data import synthetic  # the synthetic tasks live beside the data tools, not in slm/
 
-    sources = [(path, _load_json_list(path)) for path in paths] if paths else [
+    sources = [(path, _read_queries(path)) for path in paths] if paths else [
         (Path("synthetic.json"), synthetic.make_tasks("test", SYNTHETIC_TEST_TASKS, SYNTHETIC_SEED))]
     episodes = []
     for path, tasks in sources:
@@ -344,7 +251,8 @@ def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
                 functions = toolbench.functions_from_api_list(task["api_list"])
                 history = [{"from": "system", "value": toolbench.system_prompt(functions, task["tool_descriptions"])},
                            {"from": "user", "value": toolbench.user_turn(task["query"])}]
-                env = ToolEnv(functions, lambda name, arguments, task=task: synthetic.execute(task, name, arguments))
+                env = ToolEnv(functions,
+                              lambda name, arguments, text, task=task: synthetic.execute(task, name, arguments))
                 episodes.append(Episode(
                     subset=_subset_of(path), query_id=str(task["query_id"]), query=task["query"],
                     functions=functions, history=history, env=env, relevant=_relevant_functions(task),
@@ -386,6 +294,7 @@ def episode_metrics(episodes: list[Episode]) -> dict:
         "relevant_api_recall": _rate(sum(recalls), len(recalls)),
         "mean_steps": _rate(len(steps), n),
         "mean_tool_calls": _rate(len(calls), n),
+        "calls": {outcome: sum(s["outcome"] == outcome for s in calls) for outcome in OUTCOMES},
         "outcomes": dict(Counter(e.outcome for e in episodes).most_common()),
     }
 
@@ -448,6 +357,20 @@ def tooleval_prediction(e: Episode) -> dict:
     return {"query": e.query, "available_tools": e.functions,
             "answer": {"method": "CoT@1", "total_steps": len(nodes), "final_answer": e.finish_arguments,
                        "answer_details": chain}}
+
+
+def write_judge_input(out: Path, subset: str, episodes: list[Episode]) -> None:
+    """predictions/<subset>.json and test_query_ids/<subset>.json, as StableToolBench's judge reads them.
+
+    Every episode has a prediction, those that could not start (context_full) included, and the ids
+    file lists the same queries: the judge counts only queries that have both, so its denominator is
+    the whole subset.
+    """
+    predictions = {e.query_id: tooleval_prediction(e) for e in episodes}
+    for folder, content in (("predictions", predictions), ("test_query_ids", {e.query_id: 0 for e in episodes})):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / f"{subset}.json").write_text(
+            json.dumps(content, ensure_ascii=False, indent=2, default=repr), encoding="utf-8")
 
 
 # ============================================================================ replay
@@ -598,6 +521,8 @@ def _by(key, items) -> dict[str, list]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # Taken out of args before anything prints or saves them: the key goes to the tool server only.
+    key = vars(args).pop("toolbench_key") or os.environ.get("TOOLBENCH_KEY")
     started = time.perf_counter()
     print(f"evaluate: {json.dumps(vars(args), default=str)}")
 
@@ -629,10 +554,14 @@ def main(argv=None) -> dict:
                 write_jsonl(out / "records" / f"{name}.jsonl", rs)
         else:
             if args.suite == "stabletoolbench":
-                episodes = stabletoolbench_episodes(args.data, args.tools, args.limit, args.skip_bad, skipped)
+                make_env = recorded_env if not args.tool_server else (
+                    lambda query: server_env(query, args.tool_server, key, args.tool_timeout))
+                episodes = stabletoolbench_episodes(args.data, args.tools, args.limit, args.skip_bad, skipped,
+                                                    make_env)
             else:
                 episodes = synthetic_episodes(args.data, args.limit, args.skip_bad, skipped)
-            run_episodes(episodes, decoder, args.max_steps, args.suite)
+            run_episodes(episodes, decoder, args.max_steps, args.suite,
+                         workers=args.tool_workers if args.tool_server else 1)
             groups = _by(lambda e: e.subset, episodes)
             if args.suite == "synthetic":
                 scores = synthetic_scores(episodes)
@@ -648,10 +577,7 @@ def main(argv=None) -> dict:
                         record["score"] = scores[e.query_id]
                 write_jsonl(out / "records" / f"{name}.jsonl", records)
                 if args.suite == "stabletoolbench":
-                    (out / "predictions").mkdir(parents=True, exist_ok=True)
-                    predictions = {e.query_id: tooleval_prediction(e) for e in es}
-                    (out / "predictions" / f"{name}.json").write_text(
-                        json.dumps(predictions, ensure_ascii=False, indent=2, default=repr), encoding="utf-8")
+                    write_judge_input(out, name, es)
     except InputError as err:
         raise SystemExit(f"evaluate.py: {err}") from None
 
@@ -674,7 +600,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
 
+    if args.suite != "replay":
+        plot_pass_rate(results, out / "pass_rate.png")
     print(table(args.suite, results))
+    if args.suite == "stabletoolbench":
+        print("tool calls: " + ", ".join(f"{outcome} {n}" for outcome, n in overall["calls"].items())
+              + f" ({'tool server ' + args.tool_server if args.tool_server else 'recorded environment'})")
     if args.suite == "synthetic":
         by_type = overall["pass_rate_by_type"]
         print("pass rate by task type: " + ", ".join(f"{kind} {rate:.3f}" for kind, rate in by_type.items()))

@@ -1,5 +1,5 @@
-"""evaluate.py: the ReAct loop and its metrics on scripted model outputs, the ToolEval export against
-the real converted answers, and all three suites end to end on a tiny random model.
+"""evaluate.py and slm/react.py: the ReAct loop and its metrics on scripted model outputs, the ToolEval
+export against the real converted answers, and all three suites end to end on a tiny random model.
 
 Scripted tests need no model: `Script` stands in for evaluate.Decoder and answers each prompt with
 the next text written for its query. End-to-end tests read ../shared (skipped when it is absent).
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm import toolbench
+from slm import react, toolbench
 from slm.generate import generate
-from slm.tool_env import MAX_OBSERVATION_CHARS, recorded_env
+from slm.react import Episode, run_episodes
+from slm.tool_env import MAX_OBSERVATION_CHARS, ToolEnv, recorded_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -80,12 +81,12 @@ def episodes_for(scripts: dict[str, list], max_steps: int = 10):
     episodes = []
     for i, query_text in enumerate(scripts):
         query = {**QUERY, "query": query_text, "query_id": i}
-        episodes.append(evaluate.Episode(
+        episodes.append(Episode(
             subset="toy", query_id=str(i), query=query_text,
             functions=toolbench.functions_from_api_list(query["api_list"]),
             history=toolbench.conversation_start(query, {}), env=recorded_env(query),
             relevant=evaluate._relevant_functions(query)))
-    evaluate.run_episodes(episodes, Script(scripts), max_steps, "test")
+    run_episodes(episodes, Script(scripts), max_steps, "test")
     return episodes
 
 
@@ -135,7 +136,7 @@ def test_observations_follow_toolbench(scripted):
     long = scripted["loops"].steps[0]["observation"]
     assert len(long) == MAX_OBSERVATION_CHARS + 3 and long.endswith("...")
     errors = [s["observation"] for s in scripted["finish errors"].steps[:2]]
-    assert errors == [evaluate.FINISH_NO_RETURN_TYPE, evaluate.FINISH_NO_ANSWER]
+    assert errors == [react.FINISH_NO_RETURN_TYPE, react.FINISH_NO_ANSWER]
     # The history the next prompt is built from: assistant text, then the observation.
     history = scripted["good"].history
     assert [m["from"] for m in history] == ["system", "user", "assistant", "function", "assistant"]
@@ -157,6 +158,28 @@ def test_metrics(scripted):
     # arguments (search) and give up (forecast): 1/2 each, the others 0.
     assert m["relevant_api_recall"] == pytest.approx(2 / 9)
     assert m["outcomes"]["malformed_step"] == 2
+    # good 1 ok, hallucinated 1 ok + 1 undeclared, bad arguments 1 error, give up 1 ok, loops 3 ok.
+    assert m["calls"] == {"ok": 6, "undeclared": 1, "tool_error": 1, "server_error": 0, "timeout": 0}
+
+
+def test_calls_of_a_round_run_on_the_pool():
+    """With workers, every episode's call still lands in its own episode, and the calls overlap."""
+    import threading
+
+    barrier = threading.Barrier(4, timeout=5)   # passes only if 4 calls are in flight at once
+
+    def respond(name, arguments, text):
+        barrier.wait()
+        return json.dumps({"error": "", "response": text})
+
+    scripts = {f"q{i}": [step("search_for_weather", {"city": f"c{i}"}), step("Finish", ANSWER)] for i in range(4)}
+    functions = toolbench.functions_from_api_list(QUERY["api_list"])
+    episodes = [Episode("toy", q, q, functions, toolbench.conversation_start({**QUERY, "query": q}, {}),
+                        ToolEnv(functions, respond), []) for q in scripts]
+    run_episodes(episodes, Script(scripts), 10, "test", workers=4)
+    for e in episodes:
+        assert e.outcome == "finished"
+        assert json.loads(e.steps[0]["observation"])["response"] == json.dumps({"city": "c" + e.query[1:]})
 
 
 def test_odd_model_output_never_crashes(tmp_path):
@@ -164,10 +187,15 @@ def test_odd_model_output_never_crashes(tmp_path):
                                     step("search_for_weather", "{1: 2}")]})[0]
     assert episode.steps[0]["status"] == "ok" and episode.outcome == "malformed_step"
     assert "non-string keys" in episode.detail
+    # The set is written as its repr (default=repr), in the record and in the prediction.
     evaluate.write_jsonl(tmp_path / "r.jsonl", [evaluate.episode_record(episode)])
-    json.dumps(evaluate.tooleval_prediction(episode))
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    assert record["steps"][0]["arguments"] == {"city": "{1, 2}"} and record["outcome"] == "malformed_step"
+    prediction = json.loads(json.dumps(evaluate.tooleval_prediction(episode)))
+    tool_node = prediction["answer"]["answer_details"][0]["next"][0]["next"][0]["next"][0]
+    assert tool_node["role"] == "tool" and json.loads(tool_node["message"]["arguments"]) == {"city": "{1, 2}"}
     # A tool implementation that raises becomes an error observation.
-    env = evaluate.ToolEnv([{"name": "f", "parameters": {}}], lambda name, arguments: 1 / 0)
+    env = ToolEnv([{"name": "f", "parameters": {}}], lambda name, arguments, text: 1 / 0)
     result = env.call("f", {})
     assert result.status == "error" and "ZeroDivisionError" in result.error
 
@@ -208,7 +236,27 @@ def test_export_matches_the_converted_answer_format(scripted):
     assert json.loads(good["final_answer"]) == ANSWER
 
 
-def test_synthetic_gold_passes_and_wrong_answer_fails():
+def test_an_episode_that_cannot_start_is_a_failed_prediction(tmp_path):
+    class Full(Script):
+        def prompt(self, history):
+            if "too long" in history[1]["value"]:
+                raise ValueError("the history does not fit")
+            return super().prompt(history)
+
+    scripts = {"too long": [], "good": SCRIPTS["good"]}
+    episodes = [Episode("toy", str(i), q, toolbench.functions_from_api_list(QUERY["api_list"]),
+                        toolbench.conversation_start({**QUERY, "query": q}, {}), recorded_env(QUERY), [])
+                for i, q in enumerate(scripts)]
+    run_episodes(episodes, Full(scripts), 10, "test")
+    assert [e.outcome for e in episodes] == ["context_full", "finished"]
+    evaluate.write_judge_input(tmp_path, "toy", episodes)
+    predictions = json.loads((tmp_path / "predictions/toy.json").read_text())
+    assert json.loads((tmp_path / "test_query_ids/toy.json").read_text()) == {"0": 0, "1": 0}
+    assert set(predictions) == {"0", "1"}
+    assert predictions["0"]["answer"]["total_steps"] == 2 and predictions["0"]["answer"]["final_answer"] == ""
+
+
+def test_synthetic_gold_passes_and_wrong_answer_fails(tmp_path):
     from data import synthetic
 
     tasks = synthetic.make_tasks("test", 6, seed=0)
@@ -224,15 +272,12 @@ def test_synthetic_gold_passes_and_wrong_answer_fails():
         def prompt(self, history):
             return [history[1]["value"].removeprefix("\n").removesuffix("\nBegin!\n")]
 
-    episodes = []
-    for task in tasks:
-        functions = toolbench.functions_from_api_list(task["api_list"])
-        history = [{"from": "system", "value": toolbench.system_prompt(functions, task["tool_descriptions"])},
-                   {"from": "user", "value": toolbench.user_turn(task["query"])}]
-        env = evaluate.ToolEnv(functions, lambda n, a, task=task: synthetic.execute(task, n, a))
-        episodes.append(evaluate.Episode("synthetic", str(task["query_id"]), task["query"], functions, history,
-                                         env, evaluate._relevant_functions(task), task=task))
-    evaluate.run_episodes(episodes, TaskScript(outputs), 10, "test")
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps(tasks))
+    skipped = []
+    episodes = evaluate.synthetic_episodes([path], None, False, skipped)
+    assert [e.query_id for e in episodes] == [str(t["query_id"]) for t in tasks] and not skipped
+    run_episodes(episodes, TaskScript(outputs), 10, "test")
     scores = evaluate.synthetic_scores(episodes)
     metrics = evaluate.synthetic_metrics(episodes, scores)
     assert metrics["pass_rate"] == pytest.approx(5 / 6)
@@ -281,15 +326,22 @@ def test_stabletoolbench_end_to_end(tiny_model, tmp_path, capsys):
     results = evaluate.main(["--model", str(tiny_model), "--suite", "stabletoolbench", "--data", *map(str, files),
                              "--tools", str(shared(TOOLS)), "--limit", "2", "--out", str(tmp_path), *FAST])
     assert set(results["subsets"]) == {"G1_instruction", "G3_instruction"}
-    assert results["overall"]["queries"] == 4 and 0 <= results["overall"]["offline_pass_rate"] <= 1
     assert "offline" in results["note"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["max_new_tokens"] == 8 and saved["timings"]["new_tokens"] > 0
-    predictions = json.loads((tmp_path / "predictions/G3_instruction.json").read_text())
-    assert len(predictions) == 2 and all("answer_details" in p["answer"] for p in predictions.values())
-    records = (tmp_path / "records/G1_instruction.jsonl").read_text().splitlines()
-    assert len(records) == 2 and all(json.loads(r)["outcome"] for r in records)
-    assert "offline pass" in capsys.readouterr().out
+    records = [json.loads(line) for subset in ("G1_instruction", "G3_instruction")
+               for line in (tmp_path / f"records/{subset}.jsonl").read_text().splitlines()]
+    assert len(records) == results["overall"]["queries"] == 4 and all(r["outcome"] for r in records)
+    assert results["overall"]["offline_pass_rate"] == sum(r["offline_pass"] for r in records) / 4
+    assert sum(results["overall"]["calls"].values()) == sum(r["tool_calls"] for r in records)
+    for subset in ("G1_instruction", "G3_instruction"):   # what StableToolBench's judge reads
+        predictions = json.loads((tmp_path / f"predictions/{subset}.json").read_text())
+        ids = json.loads((tmp_path / f"test_query_ids/{subset}.json").read_text())
+        assert len(predictions) == 2 and ids == {query_id: 0 for query_id in predictions}
+        assert all("answer_details" in p["answer"] for p in predictions.values())
+    assert (tmp_path / "pass_rate.png").read_bytes().startswith(b"\x89PNG")
+    out = capsys.readouterr().out
+    assert "offline pass" in out and "tool calls: ok" in out and "recorded environment" in out
 
 
 def test_replay_end_to_end(tiny_model, tmp_path):
@@ -302,7 +354,12 @@ def test_replay_end_to_end(tiny_model, tmp_path):
     assert set(results["subsets"]) == {"toolllama_dfs_data_example", "G1_answer", "G3_instruction"}
     overall = results["overall"]
     assert overall["steps"] == sum(m["steps"] for m in results["subsets"].values()) > 0
-    assert 0 <= overall["action_accuracy"] <= overall["parse_rate"] <= 1
+    records = [json.loads(line) for path in (tmp_path / "records").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert len(records) == overall["steps"]
+    for metric, key in (("parse_rate", "parsed"), ("action_accuracy", "action_match"),
+                        ("argument_exact_match", "arguments_match"), ("finish_accuracy", "finish_match")):
+        assert overall[metric] == pytest.approx(sum(r[key] for r in records) / len(records))
     record = json.loads((tmp_path / "records/G1_answer.jsonl").read_text().splitlines()[0])
     assert record["gold"]["action"] and record["prompt_tokens"] <= 2048 - 8
 
@@ -311,20 +368,28 @@ def test_synthetic_end_to_end(tiny_model, tmp_path):
     results = evaluate.main(["--model", str(tiny_model), "--suite", "synthetic", "--limit", "3",
                              "--out", str(tmp_path), *FAST])
     assert results["overall"]["queries"] == 3 and "pass_rate_by_type" in results["overall"]
+    assert (tmp_path / "pass_rate.png").read_bytes().startswith(b"\x89PNG")
     record = json.loads((tmp_path / "records/synthetic.jsonl").read_text().splitlines()[0])
     assert "score" in record and "reasons" in record["score"]
 
 
-def test_bad_inputs(tiny_model, tmp_path):
+def test_bad_inputs(tiny_model, tmp_path, capsys):
     bad = tmp_path / "G1_broken.json"
     good = json.loads(shared(QUERIES / "G1_tool.json").read_text())[0]
-    bad.write_text(json.dumps([good, {"query": "no api list"}]))
+    bad.write_text(json.dumps([good, {**good, "relevant APIs": [["NoSuchTool", "x"]]}]))
     common = ["--model", str(tiny_model), "--suite", "stabletoolbench", "--data", str(bad),
               "--tools", str(shared(TOOLS)), "--out", str(tmp_path / "out"), "--max-steps", "1", *FAST]
-    with pytest.raises(SystemExit, match=r"G1_broken.json: query 1 is malformed"):
+    with pytest.raises(SystemExit, match=r"G1_broken.json: query 1 is malformed.*NoSuchTool"):
         evaluate.main(common)
     results = evaluate.main(common + ["--skip-bad"])
     assert results["overall"]["queries"] == 1 and len(results["skipped"]) == 1
+    # A file that is not a list of queries stops the run, --skip-bad or not: nothing in it can be read.
+    bad.write_text(json.dumps([good, {"query": "no api list"}]))
+    with pytest.raises(SystemExit, match=r"G1_broken.json: cannot read it as a list of queries"):
+        evaluate.main(common + ["--skip-bad"])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "m", "--suite", "synthetic", "--tool-server", "http://127.0.0.1:9/virtual"])
+    assert "--tool-server serves the stabletoolbench suite only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--suite", "synthetic", "--no-such-flag"])
     with pytest.raises(SystemExit):
