@@ -73,7 +73,8 @@ from slm.generate import generate
 from slm.plots import plot_pass_rate
 from slm.react import Episode, run_episodes
 from slm.tokenizer import EOS_ID
-from slm.tool_env import FINISH, OUTCOMES, ToolEnv, recorded_env, server_env
+from slm.toolbench import FINISH
+from slm.tool_env import OUTCOMES, ToolEnv, recorded_env, server_env
 from slm.weights import resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -249,8 +250,8 @@ def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
         for index, task in enumerate(tasks[:limit]):
             try:
                 functions = toolbench.functions_from_api_list(task["api_list"])
-                history = [{"from": "system", "value": toolbench.system_prompt(functions, task["tool_descriptions"])},
-                           {"from": "user", "value": toolbench.user_turn(task["query"])}]
+                history = toolbench.opening(toolbench.system_prompt(functions, task["tool_descriptions"]),
+                                            task["query"])
                 env = ToolEnv(functions,
                               lambda name, arguments, text, task=task: synthetic.execute(task, name, arguments))
                 episodes.append(Episode(

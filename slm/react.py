@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from . import toolbench
-from .tool_env import FINISH, ToolEnv, argument_problems
+from .tool_env import ToolEnv, argument_problems
+from .toolbench import FINISH
 
 FINISH_NO_RETURN_TYPE = '{error:"must have "return_type""}'
 FINISH_NO_ANSWER = '{error:"must have "final_answer""}'

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import toolbench
+from .toolbench import FINISH
 
 MAX_OBSERVATION_CHARS = 1024   # ToolBench's max_observation_length (its runs used 1024)
-FINISH = "Finish"
 
 
 OUTCOMES = ("ok", "undeclared", "tool_error", "server_error", "timeout")
