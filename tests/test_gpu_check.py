@@ -65,6 +65,17 @@ def test_a_section_past_its_timeout_is_stopped_and_recorded():
     assert result["status"] == "failed" and "timed out after 1 s" in result["error"]
 
 
+def test_a_section_that_raises_is_recorded_with_its_traceback(tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(gpu_check.SECTION_RUNNERS, "decode", broken)
+    gpu_check.run_worker("decode", dry=True, result_path=tmp_path / "decode.json")
+    result = json.loads((tmp_path / "decode.json").read_text())
+    assert result["status"] == "failed" and "illegal memory access" in result["error"]
+    assert "Traceback" in result["error"] and result["environment"]["commit"]
+
+
 def test_unknown_section_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", str(tmp_path), "--only", "attention,warp_speed"])
