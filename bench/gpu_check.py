@@ -83,18 +83,22 @@ TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_
 
 
 class Context:
-    """What a section needs to know: dry run or not, the device, a scratch directory."""
+    """What a section needs to know: dry run or not, the device, a scratch directory; and where to leave
+    the figures measured so far, which the orchestrator keeps if the section runs out of time."""
 
-    def __init__(self, dry: bool, workdir: Path):
+    def __init__(self, dry: bool, workdir: Path, partial_file: Path):
         import torch
 
-        self.dry, self.workdir = dry, workdir
+        self.dry, self.workdir, self.partial_file = dry, workdir, partial_file
         if os.environ.get("TRITON_INTERPRET") == "1":
             from kernels import interpreter_fix   # triton 3.6's interpreter vs numpy >= 2.4
 
             interpreter_fix.apply()
         self.device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
         self.cuda = self.device == "cuda"
+
+    def save_partial(self, result: dict) -> None:
+        self.partial_file.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     def opt_config(self, **overrides):
         import slm
@@ -258,6 +262,7 @@ def section_attention(ctx: Context) -> dict:
         return {**result, "status": "failed", "error": "correctness checks failed: no timings taken"}
     tokens, seq_lens = (128, (32, 64)) if ctx.dry else (attention.TOKENS_PER_BATCH, (512, 1024, 2048))
     rows = attention.bench_dense(torch.bfloat16, ctx.device, tokens, seq_lens)
+    ctx.save_partial({**result, "rows": rows})
     rows += attention.bench_varlen(torch.bfloat16, ctx.device, tokens, row_len=seq_lens[-1])
 
     def row(case, impl):
@@ -369,6 +374,7 @@ def section_train_step(ctx: Context) -> dict:
         if not agree:
             result["status"] = "failed"
             result["error"] = f"{dtype_name}: the sides' losses disagree (> 2% apart): {losses}"
+        ctx.save_partial(result)
     return result
 
 
@@ -421,6 +427,7 @@ def section_decode(ctx: Context) -> dict:
             result["status"] = "failed"
             result["error"] = f"batch {batch}: float32 tokens differ from transformers' ({equal:.1%} equal)"
         result["rows"].append(row)
+        ctx.save_partial(result)
     last, first = result["rows"][-1], result["rows"][0]
     result["targets"] = [
         target(f"decode tokens/s vs generate(), batch {last['batch']}", last["speedup_vs_hf"], 3, "x"),
@@ -559,7 +566,8 @@ def run_worker(section: str, dry: bool, result_path: Path) -> None:
         start, result = time.perf_counter(), {}
         try:
             result["environment"] = environment()
-            result.update(SECTION_RUNNERS[section](Context(dry, Path(workdir))))
+            context = Context(dry, Path(workdir), partial_path(result_path))
+            result.update(SECTION_RUNNERS[section](context))
         except Exception:
             result.update(status="failed", error=traceback.format_exc())
         result["seconds"] = time.perf_counter() - start
@@ -569,6 +577,10 @@ def run_worker(section: str, dry: bool, result_path: Path) -> None:
 # ===================================================================================================
 # The orchestrator: one process per section, a global budget, the JSON and the Markdown table
 # ===================================================================================================
+
+
+def partial_path(result_path: Path) -> Path:
+    return result_path.with_name("partial_" + result_path.name)
 
 
 def run_section(section: str, dry: bool, timeout: float) -> dict:
@@ -595,15 +607,20 @@ def run_section(section: str, dry: bool, timeout: float) -> dict:
         reader.start()
         try:
             proc.wait(timeout=timeout)
+            why = f"its process exited {proc.returncode} before writing a result"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)   # the section and whatever it started (train.py, pytest)
             proc.wait()
+            why = f"timed out after {timeout:.0f} s"
         reader.join(timeout=5)
-        seconds = time.perf_counter() - start
         if result_path.exists():
             return json.loads(result_path.read_text())
-        why = f"timed out after {timeout:.0f} s" if seconds >= timeout else f"its process exited {proc.returncode}"
-        return {"status": "failed", "error": f"{section}: {why}", "output_tail": "\n".join(tail), "seconds": seconds}
+        partial = partial_path(result_path)
+        kept = json.loads(partial.read_text()) if partial.exists() else {}
+        if kept:
+            why += "; the figures here are those measured before"
+        return {**kept, "status": "failed", "error": f"{section}: {why}", "output_tail": "\n".join(tail),
+                "seconds": time.perf_counter() - start}
 
 
 def fmt(value, spec: str = ".2f") -> str:
