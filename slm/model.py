@@ -15,7 +15,6 @@ to the token embedding. Attention is one of three interchangeable implementation
 Module names are ours; `slm/weights.py` maps them to Hugging Face's key names in both directions.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,78 +25,6 @@ from .config import OPTConfig
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "triton")
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
-
-
-def sinusoidal_table(rows: int, width: int, rms: float) -> torch.Tensor:
-    """Position-table rows of sin/cos waves (Vaswani et al. 2017), scaled to `rms`; row r is position
-    r - POSITION_OFFSET, so position 0 sits where OPT looks it up.
-
-    Why: random rows make "the token one step back" a different direction at every position, so a
-    head that attends to the previous token (half of the circuit that copies a name from the context)
-    must be learned position by position. Here one step back is the same rotation at every position
-    (each sin/cos pair at frequency w turns by w), one linear map that all positions train together.
-    """
-    position = torch.arange(rows, dtype=torch.float64)[:, None] - POSITION_OFFSET
-    frequency = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float64) / width)
-    table = torch.zeros(rows, width, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
-    return (table * rms * math.sqrt(2.0)).float()   # a unit wave's RMS is 1/sqrt(2)
-
-
-def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = None, steps: int = 150,
-                     window: int = 128, batch: int = 4, lr: float = 0.03) -> None:
-    """Fit the query and key weights of the first len(offsets) heads of layer 0 so that head h attends
-    offsets[h] tokens back. Values, outputs and every other weight keep their random start.
-
-    Why: copying a name from the context is an induction circuit, whose first half is a head that
-    reads the previous token, or one a few tokens back (in `city_population_for_<tool>` the words
-    before `for_` say which tool follows). From random init a tiny model takes most of a CPU budget to
-    find such heads; started from them, it copies within a few hundred steps (BENCHMARKS.md). They
-    stay trainable.
-    How: where a head looks is decided by the position table, so Adam fits its q and k rows to put the
-    softmax on the target offset, over random windows of the table plus random token embeddings, as
-    layer 0 sees them (after its LayerNorm in a pre-LN model, whose mean subtraction rules out writing
-    the rotation between positions down by hand).
-    """
-    layer, c = model.layers[0], model.config
-    if not offsets or len(offsets) > c.num_attention_heads or min(offsets) < 1:
-        raise ValueError(f"offset_heads {tuple(offsets)}: expected 1 to {c.num_attention_heads} offsets >= 1")
-    heads, rows = len(offsets), slice(0, len(offsets) * c.head_dim)   # rows: those heads' q/k outputs
-    window = min(window, c.max_position_embeddings)
-    t = torch.arange(window)
-    allowed = t[None, :] <= t[:, None]                                # causal (T, T)
-    targets = torch.stack([t - d for d in offsets])                   # (heads, T): the key to attend
-    trained = targets >= 0                                            # queries whose key is in the window
-
-    def layer_input():
-        """Layer 0's attention input for a random window of tokens and positions: (batch, T, d)."""
-        start = int(torch.randint(c.max_position_embeddings - window + 1, (1,), generator=generator))
-        ids = torch.randint(c.pad_token_id + 1, c.vocab_size, (batch, window), generator=generator)
-        with torch.no_grad():
-            x = model.embed(ids, (start + t).expand(batch, window))
-            return layer.attn_norm(x) if layer.pre_ln else x
-
-    # Fit in units where the input has RMS 1 (a post-LN layer 0 sees the raw, small embeddings), so one
-    # learning rate serves both layouts; the scale goes back into the weights at the end.
-    scale = layer_input().pow(2).mean().sqrt()
-    projections = (layer.attn.q, layer.attn.k)
-    wq, wk = ((lin.weight[rows] * scale).detach().requires_grad_(True) for lin in projections)
-    bq, bk = (lin.bias[rows].detach() if lin.bias is not None else 0.0 for lin in projections)
-    optimizer = torch.optim.Adam([wq, wk], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            x = layer_input() / scale
-            q, k = ((y.view(batch, window, heads, c.head_dim).transpose(1, 2))       # (B, heads, T, hd)
-                    for y in ((x @ wq.T + bq) * layer.attn.scale, x @ wk.T + bk))
-            scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, heads, T, T)
-            loss = F.cross_entropy(scores[:, trained].flatten(0, 1), targets[trained].repeat(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        layer.attn.q.weight[rows] = wq / scale
-        layer.attn.k.weight[rows] = wk / scale
 
 
 # ---------------------------------------------------------------------------------------- KV cache
@@ -334,17 +261,14 @@ class OPT(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embed.weight  # tied: (vocab, word_embed_proj_dim)
 
-    def init_weights(self, seed: int | None = None, sinusoidal_positions: float | None = None,
-                     offset_heads: tuple[int, ...] = ()) -> None:
+    def init_weights(self, seed: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding.
 
-        sinusoidal_positions: start the (still learned) position table from sine/cosine waves of this
-        RMS instead (`sinusoidal_table`). A model trained from scratch on little data learns to copy
-        names from its context far sooner with it (the smoke preset; BENCHMARKS.md has the runs).
-        offset_heads: head h of the first layer starts out attending offset_heads[h] tokens back
-        (`fit_offset_heads`); needs a position table that can express it, such as the sinusoidal one.
+        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke_init.py keeps
+        drawing from after this); neither: torch's global one.
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         std = self.config.init_std
         with torch.no_grad():
             for module in self.modules():
@@ -356,11 +280,6 @@ class OPT(nn.Module):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             self.tok_embed.weight[self.config.pad_token_id].zero_()
-            if sinusoidal_positions is not None:
-                rows, width = self.pos_embed.weight.shape
-                self.pos_embed.weight.copy_(sinusoidal_table(rows, width, sinusoidal_positions))
-        if offset_heads:
-            fit_offset_heads(self, offset_heads, generator)
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         weight = self.tok_embed.weight
