@@ -5,6 +5,7 @@ Hugging Face's `OPTForCausalLM` computes.
     logits = model(input_ids, attention_mask)                  # (B, T) -> (B, T, vocab)
     logits = model(input_ids, cu_seqlens=cu, max_seqlen=m)     # packed sequences (training)
     logits = model(new_ids, attention_mask=mask, cache=cache)  # decoding with a KV cache
+    logits = model(new_ids, attention_mask=full_mask, cache=cache, cache_position=pos)  # static shapes
 
 The OPT quirks (see docs/OPT.md): learned positions offset by 2 and computed from the attention mask
 (so left padding gives the first real token position 0); queries scaled after their bias; post-LN for
@@ -32,8 +33,14 @@ POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at
 class KVCache:
     """Preallocated keys and values for every layer: (layers, B, H, max_len, head_dim) each.
 
-    `length` is the number of positions already written; a forward with a cache appends its new
-    tokens there and advances it. `mask` is the attention mask of everything written so far.
+    A forward with a cache fills it in one of two ways:
+    - growing (the prefill; step-by-step decoding with a (B, length + T) mask): its T new tokens go
+      to positions length..length+T-1, it attends to everything written so far, and `length` (a host
+      int) advances by T;
+    - static (`OPT.forward(..., cache_position=...)`, the decode step of `slm.generate`): its tokens
+      go to the tensor indices `position`, and it attends to all max_len positions under a mask of the
+      written, real ones. No shape and no Python number changes from one step to the next, so the
+      step can be captured (CUDA graphs, torch.compile). The caller keeps the position; `length` stays.
     """
 
     def __init__(self, config: OPTConfig, batch_size: int, max_len: int, dtype, device):
@@ -42,13 +49,20 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.position = None   # the current forward's write indices (T,) when it is static; set by OPT.forward
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, H, T_new, D) for `layer`; return all keys and values so far."""
+        """Store this forward's k, v (B, H, T, D) for `layer`; return the keys and values it attends to."""
+        if self.position is not None:                       # static: in place, at a tensor index
+            self.k[layer].index_copy_(2, self.position, k)
+            self.v[layer].index_copy_(2, self.position, v)
+            return self.k[layer], self.v[layer]             # (B, H, max_len, D), masked by the caller
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if start == 0:
+            return k, v                                     # prefill: the new tokens are all there is
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]   # (B, H, end, D)
 
 
 # ------------------------------------------------------------------------------- attention masks
@@ -70,16 +84,15 @@ class AttentionLayout:
     token_index: torch.Tensor | None = None  # flat indices of real tokens; None when all are real
 
 
-def _padded_allowed(attention_mask: torch.Tensor, past: int, t_new: int) -> torch.Tensor:
-    """Causal AND key-is-real, for new queries at positions past..past+T-1 of a (B, S) mask.
+def _padded_allowed(attention_mask: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Causal AND key-is-real, for new queries at the columns q_pos (T,) of a (B, S) mask.
 
     Each query may also see itself: a pad query (left padding) then has one visible key instead of
     none, which keeps its softmax finite. Real queries are unaffected (they always see themselves),
     and nothing real ever attends to a pad, so the pad rows' values never leak.
     """
-    s = attention_mask.shape[1]
-    q_pos = torch.arange(past, past + t_new, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
+    q_pos = q_pos[:, None]                                    # (T, 1)
+    k_pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]   # (1, S)
     causal = k_pos <= q_pos                                   # (T, S)
     key_real = attention_mask.bool()[:, None, None, :]        # (B, 1, 1, S)
     return causal & (key_real | (k_pos == q_pos))             # (B, 1, T, S)
@@ -141,9 +154,7 @@ class Attention(nn.Module):
         k, v = self.k(x), self.v(x)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            k_all, v_all = cache.write(layer, k, v)            # (B, H, past+T, D)
-            if cache.length > 0:
-                k, v = k_all, v_all                           # decoding: attend to the cache too
+            k, v = cache.write(layer, k, v)                    # decoding: the cache too, (B, H, S, D)
         dropout = self.dropout if self.training else 0.0
 
         if attn == "triton" and layout.allowed is None:
@@ -288,17 +299,20 @@ class OPT(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,                     # (B, T) token ids
-        attention_mask: torch.Tensor | None = None,  # (B, past+T), 1 = real token
+        attention_mask: torch.Tensor | None = None,  # (B, past+T), 1 = real token; (B, max_len) in a static step
         *,
         position_ids: torch.Tensor | None = None,    # (B, T) positions, overriding the mask's
         cu_seqlens: torch.Tensor | None = None,      # (N+1,) int32 boundaries of packed sequences
         max_seqlen: int | None = None,
         cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,  # (T,) long: a static step's columns in the cache
         return_hidden: bool = False,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
+        if cache_position is not None and cache is None:
+            raise ValueError("cache_position (a static decode step) needs a cache to write to")
+        if cache is not None and cache_position is None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used, {T} more asked")
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
@@ -311,22 +325,34 @@ class OPT(nn.Module):
             elif self.attn != "triton":
                 layout.allowed = _packed_allowed(segment)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {(B, past + T)} (past {past} + new {T})")
+            # A static step (KVCache) has a mask over the whole cache and its queries at tensor indices;
+            # only shapes are checked there, as reading a value would sync the host at every step.
+            if cache_position is not None:
+                expected, why = (B, cache.max_len), "the whole cache, in a static step"
+            else:
+                expected, why = (B, past + T), f"past {past} + new {T}"
+                if attention_mask is None:
+                    attention_mask = torch.ones(expected, dtype=torch.long, device=input_ids.device)
+            if attention_mask is None or attention_mask.shape != expected:
+                shape = None if attention_mask is None else tuple(attention_mask.shape)
+                raise ValueError(f"attention_mask has shape {shape}, expected {expected} ({why})")
             # OPT's positions: count real tokens so far, so pads never shift a sequence (pads get -1).
             mask = attention_mask.long()
-            positions = (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
-            layout = self._padded_layout(mask, past, T)
+            positions = torch.cumsum(mask, dim=1) * mask - 1                # (B, S)
+            if cache_position is not None:
+                positions = positions.index_select(1, cache_position)      # (B, T)
+                layout = AttentionLayout(allowed=_padded_allowed(mask, cache_position))
+            else:
+                positions, layout = positions[:, past:], self._padded_layout(mask, past, T)
         if position_ids is not None:
             positions = position_ids
 
         x = self.embed(input_ids, positions)
+        if cache is not None:
+            cache.position = cache_position                              # where the layers write
         for i, layer in enumerate(self.layers):
             x = layer(x, layout, self.attn, cache, i)
-        if cache is not None:
+        if cache is not None and cache_position is None:
             cache.length += T
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -352,7 +378,7 @@ class OPT(nn.Module):
             cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
             token_index = mask.flatten().nonzero().squeeze(1)
             return AttentionLayout(cu_seqlens=cu, max_seqlen=int(lengths.max()), token_index=token_index)
-        return AttentionLayout(allowed=_padded_allowed(mask, past, t))
+        return AttentionLayout(allowed=_padded_allowed(mask, torch.arange(past, past + t, device=mask.device)))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
