@@ -1,8 +1,7 @@
 """Greedy decoding with a preallocated KV cache, batched over prompts of different lengths.
 
     new_tokens = slm.generate(model, [tok.encode("Hello"), tok.encode("A longer prompt")], max_new_tokens=32)
-
-    new_tokens = slm.generate(model, prompts, max_new_tokens=32, compile=True)   # the decode step captured
+    new_tokens = slm.generate(model, prompts, max_new_tokens=32, compile=True)   # the decode step compiled
 
 Prompts are left-padded with the pad id into one (B, P) batch; the attention mask marks the real
 tokens, and OPT derives its positions from that mask, so a padded prompt decodes exactly as it would
@@ -13,11 +12,12 @@ positions from the start: nothing is allocated or copied per step.
 Static shapes (gpt-fast's decoding): every step attends to the whole cache under a (B, 1, 1, max_len)
 mask of the written, real positions, writes its keys and values at a tensor index, and gets its
 position from a tensor, so nothing in a step changes shape or is a Python number that changes
-(`KVCache`). Decoding is launch-bound (a few hundred small kernels per token), so `compile=True`
-compiles that step once with `torch.compile`: on CUDA in mode "reduce-overhead", which replays it as a
-CUDA graph (one launch per token); on the CPU into fused C++ kernels, without graphs. Its first call
-pays the compile (seconds on a small model, more on a large one); it pays off over long runs.
-compile=False runs the same step eagerly; both give the same tokens.
+(`KVCache`). On a GPU decoding is launch-bound (a few hundred small kernels per token), so
+`compile=True` compiles that step with `torch.compile`: on CUDA in mode "reduce-overhead", which
+replays it as one CUDA graph per token; on the CPU into C++ kernels, without graphs, which on our
+shared 2-core machine was slower than eager (`bench/decode.py --small --compile`): it is there so the
+path runs and is tested everywhere, and meant for CUDA. The first call per model and shape pays the
+compile (a minute on that CPU). compile=False runs the same step eagerly; both give the same tokens.
 
 Returned tokens: the new tokens of each prompt, up to and *including* the first `eos_id` (as
 transformers' `generate()` does, so a caller can tell "stopped at </s>" from "hit the limit"), or
@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from .model import OPT
+from .model import OPT, KVCache
 
 # compile=True rounds the cache length up to a multiple of this, so calls whose prompts differ a little
 # in length share one compiled step (and one CUDA graph) instead of one each; the extra positions are
@@ -41,7 +41,8 @@ from .model import OPT
 CAPTURE_LENGTH_MULTIPLE = 128
 
 
-def decode_step(model: OPT, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
+def decode_step(model: OPT, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
     """One greedy step at static shapes: token (B,) at cache column position (1,) -> next token (B,).
 
     mask (B, max_len) marks the real tokens of the whole run (prompt pads 0, everything else 1).

@@ -95,7 +95,7 @@ def test_batched_matches_transformers_batched_generate(checkpoint, compile):
 
 
 def test_static_steps_give_the_logits_of_growing_steps(checkpoint):
-    """A static-shape step (whole-cache mask, tensor write index) = the growing cache's step, left padding included."""
+    """A static step (whole-cache mask, tensor write index) = the growing cache's step, left padding included."""
     _, path = checkpoint
     model = slm.load_model(path)
     longest, new = max(map(len, PROMPTS)), 3
@@ -103,13 +103,14 @@ def test_static_steps_give_the_logits_of_growing_steps(checkpoint):
     mask = torch.ones(len(PROMPTS), longest + new, dtype=torch.long)
     mask[:, :longest] = (ids != 1).long()
     steps = torch.randint(3, 96, (len(PROMPTS), new), generator=torch.Generator().manual_seed(0))
-    growing, static = model.new_kv_cache(len(PROMPTS), longest + new), model.new_kv_cache(len(PROMPTS), longest + new)
+    growing, static = (model.new_kv_cache(len(PROMPTS), longest + new) for _ in range(2))
     with torch.no_grad():
         for cache in (growing, static):
             model(ids, attention_mask=mask[:, :longest], cache=cache)
         for i in range(new):
             expected = model(steps[:, i:i + 1], attention_mask=mask[:, :longest + i + 1], cache=growing)
-            got = model(steps[:, i:i + 1], attention_mask=mask, cache=static, cache_position=torch.tensor([longest + i]))
+            got = model(steps[:, i:i + 1], attention_mask=mask, cache=static,
+                        cache_position=torch.tensor([longest + i]))
             assert (got - expected).abs().max() < 1e-5, f"step {i}"
     assert static.length == longest and growing.length == longest + new   # a static step leaves length alone
     with pytest.raises(ValueError, match="needs a cache"):
