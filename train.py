@@ -33,9 +33,8 @@ none, so the preset gives it four head starts, each measured in BENCHMARKS.md:
   (~20% of the tokens) are too weak a signal for copying to form. Then the turns only, as the paper;
   the eval loss is always that of the trained turns;
 - a position table that starts from sine waves, so "one token back" is one linear map at every position;
-- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`OPT.init_weights(
-  offset_heads=...)`), the first half of a copying circuit, which the model would otherwise take most
-  of its budget to find;
+- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`slm/smoke_init.py`),
+  the first half of a copying circuit, which the model would otherwise take most of its budget to find;
 - Muon (--optimizer muon) for the decoder's weight matrices, AdamW for the rest.
 
 Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
@@ -68,6 +67,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import slm
+from slm import smoke_init
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
 from slm.muon import Muon
 from slm.plots import plot_loss
@@ -126,8 +126,8 @@ PRESETS = {
                          smoke_tasks=13500),
 }
 SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
-SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (OPT.init_weights); best of 0.02/0.05/0.1
-SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (OPT.init_weights)
+SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (slm/smoke_init.py); best of 0.02/0.05/0.1
+SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (slm/smoke_init.py)
 OPTIMIZERS = ("adamw", "muon")
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -554,7 +554,7 @@ def build_model(cfg: TrainConfig, tok, procs: Processes):
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
         model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), attn=cfg.attn)
-        model.init_weights(cfg.seed, sinusoidal_positions=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
+        smoke_init.init_weights(model, cfg.seed, position_rms=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
     else:
         try:
             model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", attn=cfg.attn)

@@ -3,6 +3,7 @@
     python bench/decode.py                        # OPT-350M, random weights, on the GPU
     python bench/decode.py --stabletoolbench      # + wall time of one full stabletoolbench run
     python bench/decode.py --small                # a small config on the CPU: the ratio only
+    python bench/decode.py --compile              # + slm.generate(compile=True): the decode step captured
 
 Both libraries load one random checkpoint written in Hugging Face's layout, decode the same prompts
 (lengths spread from --prompt-len/2 to --prompt-len, left-padded in a batch) greedily for exactly
@@ -10,6 +11,9 @@ Both libraries load one random checkpoint written in Hugging Face's layout, deco
 and must produce the same tokens before any time is reported (in half precision a few argmax ties may
 flip: the share of equal tokens is printed). Timed: whole calls, prefill included, median of
 --repeats calls after a warm-up, ours and theirs interleaved, with a device sync at both ends.
+With --compile, `slm.generate(compile=True)` is a third column: its warm-up call compiles the decode
+step (CUDA graphs on CUDA, C++ kernels on the CPU), and those seconds are printed apart ("compile s");
+its tokens must equal eager slm's in float32.
 
 tokens/s = batch * new_tokens / seconds;  ms/token (batch 1) = seconds / new_tokens * 1000.
 Targets (PERF.md, H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
@@ -51,21 +55,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_pair(ours, theirs, device: str, repeats: int) -> tuple[list[float], list[float], object, object]:
-    """Seconds of `repeats` calls of each, interleaved (ours, theirs, ours, ...) after one warm-up each.
+def timed(fns: dict, device: str, repeats: int) -> tuple[dict, dict, dict]:
+    """Seconds of `repeats` calls of each function, interleaved (a, b, a, b, ...) after one warm-up each.
 
-    Interleaving makes both sides see the same background load, which matters on shared CPU machines.
+    Interleaving makes every side see the same background load, which matters on shared CPU machines.
+    Returns the timed seconds, the last results and the warm-up seconds (a compiled step's compile).
     """
-    results = [ours(), theirs()]
-    times: tuple[list[float], list[float]] = ([], [])
+    results, warmup = {}, {}
+    for name, fn in fns.items():
+        sync(device)
+        start = time.perf_counter()
+        results[name] = fn()
+        sync(device)
+        warmup[name] = time.perf_counter() - start
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        for i, fn in enumerate((ours, theirs)):
+        for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            results[i] = fn()
+            results[name] = fn()
             sync(device)
-            times[i].append(time.perf_counter() - start)
-    return times[0], times[1], results[0], results[1]
+            times[name].append(time.perf_counter() - start)
+    return times, results, warmup
 
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -114,6 +125,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None, help="longest prompt (default 1024; 128 with --small)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per prompt (default 128; 32 with --small)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    parser.add_argument("--compile", action="store_true", help="also time slm.generate(compile=True)")
     parser.add_argument("--stabletoolbench", action="store_true", help="also time one full stabletoolbench run")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     args = parser.parse_args()
@@ -144,19 +156,26 @@ def main() -> None:
               "new_tokens": args.new_tokens, "runs": []}
     for batch in args.batches:
         prompts = make_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
-        ours_times, hf_times, ours_tokens, hf_tokens = timed_pair(
-            lambda: generate(ours, prompts, args.new_tokens, eos_id=None),
-            lambda: hf_generate(hf, prompts, args.new_tokens, args.device), args.device, args.repeats)
-        ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
-        equal = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
-        if args.dtype == "float32" and ours_tokens != hf_tokens:
+        fns = {"ours": lambda: generate(ours, prompts, args.new_tokens, eos_id=None),
+               "hf": lambda: hf_generate(hf, prompts, args.new_tokens, args.device)}
+        if args.compile:
+            fns["compiled"] = lambda: generate(ours, prompts, args.new_tokens, eos_id=None, compile=True)
+        times, tokens_of, warmup = timed(fns, args.device, args.repeats)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
+        equal = sum(a == b for x, y in zip(tokens_of["ours"], tokens_of["hf"]) for a, b in zip(x, y))
+        if args.dtype == "float32" and tokens_of["ours"] != tokens_of["hf"]:
             sys.exit(f"bench/decode.py: batch {batch}: tokens differ from transformers' in float32; not timing")
+        if args.compile and args.dtype == "float32" and tokens_of["compiled"] != tokens_of["ours"]:
+            sys.exit(f"bench/decode.py: batch {batch}: compile=True's tokens differ from eager's in float32")
         tokens = batch * args.new_tokens
-        report["runs"].append({
-            "batch": batch, "ours_s": ours_s, "hf_s": hf_s, "ours_tok_s": tokens / ours_s,
-            "hf_tok_s": tokens / hf_s, "speedup": hf_s / ours_s,
-            "ours_ms_per_token": ours_s / args.new_tokens * 1000, "hf_ms_per_token": hf_s / args.new_tokens * 1000,
-            "equal_token_share": equal / tokens, "ours_times_s": ours_times, "hf_times_s": hf_times})
+        run = {"batch": batch, "equal_token_share": equal / tokens}
+        for name, s in seconds.items():
+            run.update({f"{name}_s": s, f"{name}_tok_s": tokens / s,
+                        f"{name}_ms_per_token": s / args.new_tokens * 1000, f"{name}_times_s": times[name]})
+        run["speedup"] = seconds["hf"] / seconds["ours"]
+        if args.compile:
+            run.update(compiled_speedup=seconds["hf"] / seconds["compiled"], compile_s=warmup["compiled"])
+        report["runs"].append(run)
     if args.stabletoolbench:
         report["stabletoolbench"] = stabletoolbench_wall_time(checkpoint, args)
 
@@ -164,11 +183,15 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\ndecode, {report['config']} {args.dtype} on {device_name}, commit {commit}, prompts <= "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens, attn={args.attn}")
+    captured = f"  {'compiled tok/s':>14}  {'speedup':>7}  {'ms/tok':>7}  {'compile s':>9}" if args.compile else ""
     print(f"{'batch':>5}  {'slm tok/s':>10}  {'hf tok/s':>10}  {'speedup':>7}  {'slm ms/tok':>10}  "
-          f"{'hf ms/tok':>9}  {'same tokens':>11}")
+          f"{'hf ms/tok':>9}  {'same tokens':>11}{captured}")
     for r in report["runs"]:
+        captured = (f"  {r['compiled_tok_s']:>14.1f}  {r['compiled_speedup']:>6.2f}x  "
+                    f"{r['compiled_ms_per_token']:>7.2f}  {r['compile_s']:>9.1f}" if args.compile else "")
         print(f"{r['batch']:>5}  {r['ours_tok_s']:>10.1f}  {r['hf_tok_s']:>10.1f}  {r['speedup']:>6.2f}x  "
-              f"{r['ours_ms_per_token']:>10.2f}  {r['hf_ms_per_token']:>9.2f}  {r['equal_token_share']:>10.1%}")
+              f"{r['ours_ms_per_token']:>10.2f}  {r['hf_ms_per_token']:>9.2f}  {r['equal_token_share']:>10.1%}"
+              + captured)
     if "stabletoolbench" in report:
         print(f"stabletoolbench: {json.dumps(report['stabletoolbench'])}")
 

@@ -1,12 +1,23 @@
 """Greedy decoding with a preallocated KV cache, batched over prompts of different lengths.
 
     new_tokens = slm.generate(model, [tok.encode("Hello"), tok.encode("A longer prompt")], max_new_tokens=32)
+    new_tokens = slm.generate(model, prompts, max_new_tokens=32, compile=True)   # the decode step compiled
 
 Prompts are left-padded with the pad id into one (B, P) batch; the attention mask marks the real
 tokens, and OPT derives its positions from that mask, so a padded prompt decodes exactly as it would
 alone. One prefill forward fills the cache (through the model's `attn` switch, e.g. our Triton
-kernel), then one single-token forward per step appends to it. The cache holds P + max_new_tokens
+kernel), then one single-token step per new token writes to it. The cache holds P + max_new_tokens
 positions from the start: nothing is allocated or copied per step.
+
+Static shapes (gpt-fast's decoding): every step attends to the whole cache under a (B, 1, 1, max_len)
+mask of the written, real positions, writes its keys and values at a tensor index, and gets its
+position from a tensor, so nothing in a step changes shape or is a Python number that changes
+(`KVCache`). On a GPU decoding is launch-bound (a few hundred small kernels per token), so
+`compile=True` compiles that step with `torch.compile`: on CUDA in mode "reduce-overhead", which
+replays it as one CUDA graph per token; on the CPU into C++ kernels, without graphs, which on our
+shared 2-core machine was slower than eager (`bench/decode.py --small --compile`): it is there so the
+path runs and is tested everywhere, and meant for CUDA. The first call per model and shape pays the
+compile (a minute on that CPU). compile=False runs the same step eagerly; both give the same tokens.
 
 Returned tokens: the new tokens of each prompt, up to and *including* the first `eos_id` (as
 transformers' `generate()` does, so a caller can tell "stopped at </s>" from "hit the limit"), or
@@ -18,9 +29,33 @@ Sequences that finished keep decoding until that check (their extra tokens are d
 costs a few wasted steps but saves a GPU->CPU round trip per token.
 """
 
+import functools
+
 import torch
 
-from .model import OPT
+from .model import OPT, KVCache
+
+# compile=True rounds the cache length up to a multiple of this, so calls whose prompts differ a little
+# in length share one compiled step (and one CUDA graph) instead of one each; the extra positions are
+# never written, and masked.
+CAPTURE_LENGTH_MULTIPLE = 128
+
+
+def decode_step(model: OPT, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """One greedy step at static shapes: token (B,) at cache column position (1,) -> next token (B,).
+
+    mask (B, max_len) marks the real tokens of the whole run (prompt pads 0, everything else 1).
+    """
+    logits = model(token[:, None], attention_mask=mask, cache=cache, cache_position=position)  # (B, 1, vocab)
+    return logits[:, -1].argmax(dim=-1)
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """`decode_step` through torch.compile, CUDA graphs on CUDA; compiled on first call, then cached."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"   # CUDA graphs exist on CUDA only
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
 @torch.inference_mode()
@@ -29,6 +64,7 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     eos_id: int | None = 2,
+    compile: bool = False,
     *,
     pad_id: int | None = None,
     check_every: int = 8,
@@ -39,6 +75,7 @@ def generate(
     prompts: token-id lists (each non-empty, e.g. `tok.encode(text)` with its leading </s>).
     max_new_tokens: the most tokens generated per prompt.
     eos_id: generation of a sequence stops after this token; None never stops early (benchmarks).
+    compile: decode with the compiled step (CUDA graphs on CUDA); the same tokens as without.
     pad_id: the id left padding uses (default: the model's pad_token_id). Padded positions are masked
         out, so the id only has to be a valid one.
     check_every: how many steps pass between checks that every sequence has finished.
@@ -60,6 +97,8 @@ def generate(
     device = model.lm_head_weight.device
     pad_id = config.pad_token_id if pad_id is None else pad_id
     batch, total = len(prompts), longest + max_new_tokens
+    if compile:
+        total = -(-total // CAPTURE_LENGTH_MULTIPLE) * CAPTURE_LENGTH_MULTIPLE
 
     # Left padding: every prompt ends at column `longest`, so the new tokens of all sequences share
     # one column per step. The mask is allocated for the whole run; its new-token columns are all 1
@@ -72,6 +111,12 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
 
     cache = model.new_kv_cache(batch, total)
+    step_fn = decode_step
+    if compile:
+        step_fn = compiled_decode_step(device.type)
+        # The step writes the cache in place: a CUDA graph may do so only to tensors at fixed addresses.
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
     out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
@@ -79,6 +124,7 @@ def generate(
     # vocabulary instead of materialising (B, P, vocab) logits.
     hidden = model(input_ids, attention_mask=mask[:, :longest], cache=cache, return_hidden=True)
     next_token = (hidden[:, -1] @ model.lm_head_weight.T).argmax(dim=-1)     # (B,)
+    position = torch.full((1,), longest, dtype=torch.long, device=device)     # the next token's column
     steps = max_new_tokens
     for step in range(max_new_tokens):
         out[:, step] = next_token
@@ -89,8 +135,9 @@ def generate(
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = model(next_token[:, None], attention_mask=mask[:, :cache.length + 1], cache=cache)
-        next_token = logits[:, -1].argmax(dim=-1)                             # (B,)
+        # A clone: a CUDA graph's output lives in memory that its next replay overwrites.
+        next_token = step_fn(model, next_token, mask, position, cache).clone()   # (B,)
+        position += 1
 
     tokens = out[:, :steps].tolist()
     if eos_id is not None:

@@ -5,6 +5,7 @@ Hugging Face's `OPTForCausalLM` computes.
     logits = model(input_ids, attention_mask)                  # (B, T) -> (B, T, vocab)
     logits = model(input_ids, cu_seqlens=cu, max_seqlen=m)     # packed sequences (training)
     logits = model(new_ids, attention_mask=mask, cache=cache)  # decoding with a KV cache
+    logits = model(new_ids, attention_mask=full_mask, cache=cache, cache_position=pos)  # static shapes
 
 The OPT quirks (see docs/OPT.md): learned positions offset by 2 and computed from the attention mask
 (so left padding gives the first real token position 0); queries scaled after their bias; post-LN for
@@ -21,7 +22,6 @@ with cu_seqlens; unpadded rows dense and causal; padded prefill and decode steps
 Module names are ours; `slm/weights.py` maps them to Hugging Face's key names in both directions.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -39,86 +39,19 @@ ATTENTION_IMPLEMENTATIONS = tuple(registry.available()["attention"])   # the shi
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
 
 
-def sinusoidal_table(rows: int, width: int, rms: float) -> torch.Tensor:
-    """Position-table rows of sin/cos waves (Vaswani et al. 2017), scaled to `rms`; row r is position
-    r - POSITION_OFFSET, so position 0 sits where OPT looks it up.
-
-    Why: random rows make "the token one step back" a different direction at every position, so a
-    head that attends to the previous token (half of the circuit that copies a name from the context)
-    must be learned position by position. Here one step back is the same rotation at every position
-    (each sin/cos pair at frequency w turns by w), one linear map that all positions train together.
-    """
-    position = torch.arange(rows, dtype=torch.float64)[:, None] - POSITION_OFFSET
-    frequency = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float64) / width)
-    table = torch.zeros(rows, width, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
-    return (table * rms * math.sqrt(2.0)).float()   # a unit wave's RMS is 1/sqrt(2)
-
-
-def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = None, steps: int = 150,
-                     window: int = 128, batch: int = 4, lr: float = 0.03) -> None:
-    """Fit the query and key weights of the first len(offsets) heads of layer 0 so that head h attends
-    offsets[h] tokens back. Values, outputs and every other weight keep their random start.
-
-    Why: copying a name from the context is an induction circuit, whose first half is a head that
-    reads the previous token, or one a few tokens back (in `city_population_for_<tool>` the words
-    before `for_` say which tool follows). From random init a tiny model takes most of a CPU budget to
-    find such heads; started from them, it copies within a few hundred steps (BENCHMARKS.md). They
-    stay trainable.
-    How: where a head looks is decided by the position table, so Adam fits its q and k rows to put the
-    softmax on the target offset, over random windows of the table plus random token embeddings, as
-    layer 0 sees them (after its LayerNorm in a pre-LN model, whose mean subtraction rules out writing
-    the rotation between positions down by hand).
-    """
-    layer, c = model.layers[0], model.config
-    if not offsets or len(offsets) > c.num_attention_heads or min(offsets) < 1:
-        raise ValueError(f"offset_heads {tuple(offsets)}: expected 1 to {c.num_attention_heads} offsets >= 1")
-    heads, width, d = len(offsets), len(offsets) * c.head_dim, c.hidden_size
-    rows = (slice(0, width), slice(d, d + width))   # those heads' q and k rows of the fused qkv projection
-    window = min(window, c.max_position_embeddings)
-    t = torch.arange(window)
-    allowed = t[None, :] <= t[:, None]                                # causal (T, T)
-    targets = torch.stack([t - d for d in offsets])                   # (heads, T): the key to attend
-    trained = targets >= 0                                            # queries whose key is in the window
-
-    def layer_input():
-        """Layer 0's attention input for a random window of tokens and positions: (batch, T, d)."""
-        start = int(torch.randint(c.max_position_embeddings - window + 1, (1,), generator=generator))
-        ids = torch.randint(c.pad_token_id + 1, c.vocab_size, (batch, window), generator=generator)
-        with torch.no_grad():
-            x = model.embed(ids, (start + t).expand(batch, window))
-            return layer.attn_norm(x) if layer.pre_ln else x
-
-    # Fit in units where the input has RMS 1 (a post-LN layer 0 sees the raw, small embeddings), so one
-    # learning rate serves both layouts; the scale goes back into the weights at the end.
-    scale = layer_input().pow(2).mean().sqrt()
-    qkv = layer.attn.qkv
-    wq, wk = ((qkv.weight[r] * scale).detach().requires_grad_(True) for r in rows)
-    bq, bk = (qkv.bias[r].detach() if qkv.bias is not None else 0.0 for r in rows)
-    optimizer = torch.optim.Adam([wq, wk], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            x = layer_input() / scale
-            q, k = ((y.view(batch, window, heads, c.head_dim).transpose(1, 2))       # (B, heads, T, hd)
-                    for y in ((x @ wq.T + bq) * layer.attn.scale, x @ wk.T + bk))
-            scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))  # (B, heads, T, T)
-            loss = F.cross_entropy(scores[:, trained].flatten(0, 1), targets[trained].repeat(batch))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        qkv.weight[rows[0]] = wq / scale
-        qkv.weight[rows[1]] = wk / scale
-
-
 # ---------------------------------------------------------------------------------------- KV cache
 
 class KVCache:
     """Preallocated keys and values for every layer: (layers, B, H, max_len, head_dim) each.
 
-    `length` is the number of positions already written; a forward with a cache appends its new
-    tokens there and advances it. `mask` is the attention mask of everything written so far.
+    A forward with a cache fills it in one of two ways:
+    - growing (the prefill; step-by-step decoding with a (B, length + T) mask): its T new tokens go
+      to positions length..length+T-1, it attends to everything written so far, and `length` (a host
+      int) advances by T;
+    - static (`OPT.forward(..., cache_position=...)`, the decode step of `slm.generate`): its tokens
+      go to the tensor indices `position`, and it attends to all max_len positions under a mask of the
+      written, real ones. No shape and no Python number changes from one step to the next, so the
+      step can be captured (CUDA graphs, torch.compile). The caller keeps the position; `length` stays.
     """
 
     def __init__(self, config: OPTConfig, batch_size: int, max_len: int, dtype, device):
@@ -127,13 +60,20 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.position = None   # the current forward's write indices (T,) when it is static; set by OPT.forward
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, H, T_new, D) for `layer`; return all keys and values so far."""
+        """Store this forward's k, v (B, H, T, D) for `layer`; return the keys and values it attends to."""
+        if self.position is not None:                       # static: in place, at a tensor index
+            self.k[layer].index_copy_(2, self.position, k)
+            self.v[layer].index_copy_(2, self.position, v)
+            return self.k[layer], self.v[layer]             # (B, H, max_len, D), masked by the caller
         start, end = self.length, self.length + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if start == 0:
+            return k, v                                     # prefill: the new tokens are all there is
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]   # (B, H, end, D)
 
 
 # ------------------------------------------------------------------------------- attention masks
@@ -151,16 +91,15 @@ class AttentionLayout:
     max_seqlen: int | None = None
 
 
-def _padded_allowed(attention_mask: torch.Tensor, past: int, t_new: int) -> torch.Tensor:
-    """Causal AND key-is-real, for new queries at positions past..past+T-1 of a (B, S) mask.
+def _padded_allowed(attention_mask: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Causal AND key-is-real, for new queries at the columns q_pos (T,) of a (B, S) mask.
 
     Each query may also see itself: a pad query (left padding) then has one visible key instead of
     none, which keeps its softmax finite. Real queries are unaffected (they always see themselves),
     and nothing real ever attends to a pad, so the pad rows' values never leak.
     """
-    s = attention_mask.shape[1]
-    q_pos = torch.arange(past, past + t_new, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(s, device=attention_mask.device)[None, :]
+    q_pos = q_pos[:, None]                                    # (T, 1)
+    k_pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]   # (1, S)
     causal = k_pos <= q_pos                                   # (T, S)
     key_real = attention_mask.bool()[:, None, None, :]        # (B, 1, 1, S)
     return causal & (key_real | (k_pos == q_pos))             # (B, 1, T, S)
@@ -202,9 +141,7 @@ class Attention(nn.Module):
             return self.o(y.view(B, T, d))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, T, D)
         if cache is not None:
-            k_all, v_all = cache.write(layer, k, v)               # (B, H, past+T, D)
-            if cache.length > 0:
-                k, v = k_all, v_all                               # decoding: attend to the cache too
+            k, v = cache.write(layer, k, v)                       # decoding: the cache too, (B, H, S, D)
         y = attention(q, k, v, causal=layout.mask is None, scale=1.0, mask=layout.mask,
                       dropout_p=dropout)                          # (B, H, T, D); q is already scaled
         return self.o(y.transpose(1, 2).reshape(B, T, d))         # (B, T, H*D)
@@ -286,17 +223,14 @@ class OPT(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.tok_embed.weight  # tied: (vocab, word_embed_proj_dim)
 
-    def init_weights(self, seed: int | None = None, sinusoidal_positions: float | None = None,
-                     offset_heads: tuple[int, ...] = ()) -> None:
+    def init_weights(self, seed: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding.
 
-        sinusoidal_positions: start the (still learned) position table from sine/cosine waves of this
-        RMS instead (`sinusoidal_table`). A model trained from scratch on little data learns to copy
-        names from its context far sooner with it (the smoke preset; BENCHMARKS.md has the runs).
-        offset_heads: head h of the first layer starts out attending offset_heads[h] tokens back
-        (`fit_offset_heads`); needs a position table that can express it, such as the sinusoidal one.
+        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke_init.py keeps
+        drawing from after this); neither: torch's global one.
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         std = self.config.init_std
         with torch.no_grad():
             for module in self.modules():
@@ -308,11 +242,6 @@ class OPT(nn.Module):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             self.tok_embed.weight[self.config.pad_token_id].zero_()
-            if sinusoidal_positions is not None:
-                rows, width = self.pos_embed.weight.shape
-                self.pos_embed.weight.copy_(sinusoidal_table(rows, width, sinusoidal_positions))
-        if offset_heads:
-            fit_offset_heads(self, offset_heads, generator)
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         weight = self.tok_embed.weight
@@ -321,17 +250,20 @@ class OPT(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,                     # (B, T) token ids
-        attention_mask: torch.Tensor | None = None,  # (B, past+T), 1 = real token
+        attention_mask: torch.Tensor | None = None,  # (B, past+T), 1 = real token; (B, max_len) in a static step
         *,
         position_ids: torch.Tensor | None = None,    # (B, T) positions, overriding the mask's
         cu_seqlens: torch.Tensor | None = None,      # (N+1,) int32 boundaries of packed sequences
         max_seqlen: int | None = None,
         cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,  # (T,) long: a static step's columns in the cache
         return_hidden: bool = False,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
+        if cache_position is not None and cache is None:
+            raise ValueError("cache_position (a static decode step) needs a cache to write to")
+        if cache is not None and cache_position is None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used, {T} more asked")
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
@@ -340,22 +272,36 @@ class OPT(nn.Module):
             positions = _packed_positions(cu_seqlens, B * T).view(B, T)
             layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen or T)
         else:
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                                 f"expected {(B, past + T)} (past {past} + new {T})")
+            # A static step (KVCache) has a mask over the whole cache and its queries at tensor indices;
+            # only shapes are checked there, as reading a value would sync the host at every step.
+            if cache_position is not None:
+                expected, why = (B, cache.max_len), "the whole cache, in a static step"
+            else:
+                expected, why = (B, past + T), f"past {past} + new {T}"
+                if attention_mask is None:
+                    attention_mask = torch.ones(expected, dtype=torch.long, device=input_ids.device)
+            if attention_mask is None or attention_mask.shape != expected:
+                shape = None if attention_mask is None else tuple(attention_mask.shape)
+                raise ValueError(f"attention_mask has shape {shape}, expected {expected} ({why})")
             # OPT's positions: count real tokens so far, so pads never shift a sequence (pads get -1).
             mask = attention_mask.long()
-            positions = (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
-            # Unpadded prefill is plain causal (decode steps skip the check: no host sync); else a mask.
-            unpadded = past == 0 and bool(mask.all())
-            layout = AttentionLayout(mask=None if unpadded else _padded_allowed(mask, past, T))
+            positions = torch.cumsum(mask, dim=1) * mask - 1                # (B, S)
+            if cache_position is not None:
+                positions = positions.index_select(1, cache_position)      # (B, T)
+                layout = AttentionLayout(mask=_padded_allowed(mask, cache_position))
+            else:
+                positions = positions[:, past:]
+                # Unpadded prefill is plain causal (decode steps skip the check: no host sync); else a mask.
+                unpadded = past == 0 and bool(mask.all())
+                q_pos = torch.arange(past, past + T, device=mask.device)
+                layout = AttentionLayout(mask=None if unpadded else _padded_allowed(mask, q_pos))
         if position_ids is not None:
             positions = position_ids
 
         ops = {op: self.kernel(op) for op in ("attention", "layer_norm")}
         x = self.embed(input_ids, positions)
+        if cache is not None:
+            cache.position = cache_position                              # where the layers write
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Saves only x; backward reruns the layer (torch's non-reentrant mode, which stops the
@@ -364,7 +310,7 @@ class OPT(nn.Module):
                 x = checkpoint(layer, x, layout, ops, cache, i, use_reentrant=False, preserve_rng_state=True)
             else:
                 x = layer(x, layout, ops, cache, i)
-        if cache is not None:
+        if cache is not None and cache_position is None:
             cache.length += T
         if self.final_norm is not None:
             x = _norm(ops["layer_norm"], self.final_norm, x)

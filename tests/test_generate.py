@@ -1,8 +1,9 @@
-"""slm.generate against itself and transformers: batched = unbatched = `OPTForCausalLM.generate()`.
+"""slm.generate against itself and transformers: batched = unbatched = compiled = `OPTForCausalLM.generate()`.
 
 A tiny random OPT is built with transformers, saved in Hugging Face's layout and loaded by both
 libraries, so the comparison covers weight loading, left padding, mask-derived positions and the KV
-cache. Run: pytest tests/test_generate.py
+cache. compile=True is checked on the batched calls with sdpa only: its first call per model compiles
+(tens of seconds on a CPU). Run: pytest tests/test_generate.py
 """
 
 import os
@@ -67,12 +68,19 @@ def test_batched_equals_unbatched_equals_transformers(checkpoint, attn):
     reference = [hf_greedy(hf, p, NEW_TOKENS, eos) for p in PROMPTS]
 
     assert batched == unbatched
+    if attn == "sdpa":
+        assert generate(model, PROMPTS, NEW_TOKENS, eos_id=eos, compile=True, check_every=3) == batched
     assert unbatched == reference, f"slm {unbatched}\ntransformers {reference}"
     assert unbatched[0][-1] == eos and len(unbatched[0]) <= NEW_TOKENS // 2 + 1   # stopped, eos kept
 
 
-def test_batched_matches_transformers_batched_generate(checkpoint):
-    """transformers' own left-padded batch gives the same tokens as ours (it pads finished rows)."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_batched_matches_transformers_batched_generate(checkpoint, compile):
+    """transformers' own left-padded batch gives the same tokens as ours (it pads finished rows).
+
+    compile=True: one compilation serves every step of the run. A step that changed a shape or a
+    Python number would recompile, which fails here.
+    """
     hf, path = checkpoint
     model = slm.load_model(path)
     longest = max(len(p) for p in PROMPTS)
@@ -80,7 +88,35 @@ def test_batched_matches_transformers_batched_generate(checkpoint):
     mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(p) for p in PROMPTS])[:, None]).long()
     output = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=None, pad_token_id=1, min_new_tokens=NEW_TOKENS)
-    assert generate(model, PROMPTS, NEW_TOKENS, eos_id=None) == output[:, longest:].tolist()
+    torch._dynamo.reset()                     # forget earlier tests' compilations of the step
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        tokens = generate(model, PROMPTS, NEW_TOKENS, eos_id=None, compile=compile)
+    assert tokens == output[:, longest:].tolist()
+
+
+def test_static_steps_give_the_logits_of_growing_steps(checkpoint):
+    """A static step (whole-cache mask, tensor write index) = the growing cache's step, left padding included."""
+    _, path = checkpoint
+    model = slm.load_model(path)
+    longest, new = max(map(len, PROMPTS)), 3
+    ids = torch.tensor([[1] * (longest - len(p)) + p for p in PROMPTS])
+    mask = torch.ones(len(PROMPTS), longest + new, dtype=torch.long)
+    mask[:, :longest] = (ids != 1).long()
+    steps = torch.randint(3, 96, (len(PROMPTS), new), generator=torch.Generator().manual_seed(0))
+    growing, static = (model.new_kv_cache(len(PROMPTS), longest + new) for _ in range(2))
+    with torch.no_grad():
+        for cache in (growing, static):
+            model(ids, attention_mask=mask[:, :longest], cache=cache)
+        for i in range(new):
+            expected = model(steps[:, i:i + 1], attention_mask=mask[:, :longest + i + 1], cache=growing)
+            got = model(steps[:, i:i + 1], attention_mask=mask, cache=static,
+                        cache_position=torch.tensor([longest + i]))
+            assert (got - expected).abs().max() < 1e-5, f"step {i}"
+    assert static.length == longest and growing.length == longest + new   # a static step leaves length alone
+    with pytest.raises(ValueError, match="needs a cache"):
+        model(steps[:, :1], attention_mask=mask, cache_position=torch.tensor([longest]))
+    with pytest.raises(ValueError, match=r"expected \(4, 12\) \(the whole cache, in a static step\)"):
+        model(steps[:, :1], attention_mask=mask[:, :-1], cache=static, cache_position=torch.tensor([longest]))
 
 
 def test_edge_cases(checkpoint):

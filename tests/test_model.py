@@ -1,8 +1,6 @@
 """The model against transformers' OPTForCausalLM: logits, loss and gradients, every config and padding;
 its kernels chosen by name from the registry, and activation checkpointing."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,67 +281,3 @@ def test_init_weights_is_seeded():
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert a.tok_embed.weight[config.pad_token_id].abs().sum() == 0
-
-
-def test_sinusoidal_positions_make_one_step_back_one_linear_map():
-    # The point of the option: one rotation R (angle w per sin/cos pair) takes every row to the next.
-    config = slm.OPTConfig(**TINY_CONFIGS["pre_ln"])
-    width = config.hidden_size
-    w = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
-    step = torch.zeros(width, width, dtype=torch.float64)
-    for k in range(width // 2):
-        c, s = math.cos(w[k]), math.sin(w[k])
-        step[2 * k:2 * k + 2, 2 * k:2 * k + 2] = torch.tensor([[c, -s], [s, c]])
-    model = slm.OPT(config)
-    model.init_weights(seed=0, sinusoidal_positions=0.05)
-    table = model.pos_embed.weight.detach().double()
-    assert torch.allclose(table.pow(2).mean().sqrt(), torch.tensor(0.05).double(), rtol=1e-3)
-    assert (table[:-1] @ step - table[1:]).abs().max() < 1e-5 * table.abs().max()
-    assert (table[2] - table[1] @ step).abs().max() < 1e-5   # row 2 is position 0: sin 0, cos 0
-    assert torch.allclose(table[2, 0::2], torch.zeros(width // 2).double()) and torch.allclose(
-        table[2, 1::2], torch.full((width // 2,), 0.05 * math.sqrt(2.0)).double())
-    model.init_weights(seed=0)                            # OPT's N(0, std) rows: no such map
-    table = model.pos_embed.weight.detach().double()
-    assert (table[:-1] @ step - table[1:]).abs().max() > 0.5 * table.abs().max()
-
-
-def layer0_attention(model, start: int, length: int = 96) -> torch.Tensor:
-    """Layer 0's attention probabilities (B, H, T, T) over random tokens at positions start..start+T-1."""
-    c, layer = model.config, model.layers[0]
-    ids = torch.randint(3, c.vocab_size, (2, length), generator=torch.Generator().manual_seed(start))
-    with torch.no_grad():
-        x = model.embed(ids, torch.arange(start, start + length).expand(2, length))
-        x = layer.attn_norm(x) if layer.pre_ln else x
-        q, k, _ = layer.attn.qkv(x).view(2, length, 3, c.num_attention_heads, c.head_dim).unbind(2)
-        q, k = (t.transpose(1, 2) for t in (q * layer.attn.scale, k))     # (B, H, T, hd)
-        scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(),
-                                                       float("-inf"))
-    return scores.softmax(-1)
-
-
-@pytest.mark.parametrize("pre_ln", [True, False])
-def test_offset_heads_attend_their_offset_and_nothing_else_changes(pre_ln):
-    config = slm.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           ffn_dim=128, max_position_embeddings=512, do_layer_norm_before=pre_ln)
-    plain, fitted = slm.OPT(config), slm.OPT(config)
-    plain.init_weights(seed=0, sinusoidal_positions=0.05)
-    fitted.init_weights(seed=0, sinusoidal_positions=0.05, offset_heads=(1, 2))
-    for start in (0, 200, 400):            # everywhere in the position table, not just where it starts
-        fitted_probs, plain_probs = layer0_attention(fitted, start), layer0_attention(plain, start)
-        for head, offset in enumerate((1, 2)):
-            fitted_at, plain_at = (torch.diagonal(probs[:, head], -offset, dim1=-2, dim2=-1)[:, 8:].mean().item()
-                                   for probs in (fitted_probs, plain_probs))
-            where = f"head {head}, offset {offset}, start {start}"
-            assert fitted_at >= 0.6, f"{where}: fitted head puts {fitted_at:.3f} on its offset"
-            assert plain_at < 0.2, f"{where}: unfitted head puts {plain_at:.3f} on it (it should spread out)"
-    # Only the q and k rows of the two fitted heads differ: rows [0, 2hd) and [d, d + 2hd) of the fused qkv.
-    d, width = config.hidden_size, 2 * config.head_dim
-    fitted_rows = torch.zeros(3 * d, dtype=torch.bool)
-    fitted_rows[:width] = fitted_rows[d:d + width] = True
-    for (name, p), q in zip(fitted.named_parameters(), plain.parameters()):
-        if name == "layers.0.attn.qkv.weight":
-            assert (p != q).any(dim=1).equal(fitted_rows), "the fitted rows are q's and k's of heads 0, 1"
-        else:
-            assert torch.equal(p, q), name
-    with pytest.raises(ValueError, match="offset_heads"):
-        fitted.init_weights(seed=0, offset_heads=(1, 2, 3, 4, 5))
