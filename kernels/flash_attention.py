@@ -419,12 +419,13 @@ def launch_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> dict
     streamed. All blocks are >= 16, the smallest tl.dot operand a GPU accepts. Chosen with
     `bench/attention.py --compile-only ARCH`, which compiles every variant as the runtime does and prints
     shared memory, registers and spills:
-    - 8 warps for the 128-row tiles of half precision and the fp32 dK/dV: with 4 they need more than
-      255 registers per thread and spill (sm_86 and sm_90);
+    - 8 warps for the 128-row tiles of half precision and for the fp32 dK/dV: with 4, a thread needs
+      more than 255 registers and spills (D=64: fwd and dK/dV on sm_86, dK/dV on sm_90);
     - half-precision dK/dV over 64 keys, not 128, at head dims > 64: its two fp32 accumulators and the
-      K, V tiles of 128 keys spill;
+      K, V tiles of 128 keys spilled 64 B per thread on sm_86;
     - fp32 tiles take twice the bytes: at head dims > 64 the backward blocks of 64 rows need 115 KB,
-      over the 99 KB of sm_86 / sm_89 (A10G, L4), so devices with under 128 KiB per block get 32 rows.
+      over the 99 KiB of sm_86 / sm_89 (A10G, L4), so devices with under 128 KiB per block get 32 rows.
+    The resulting figures per variant are in BENCHMARKS.md.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = block_d > 64
