@@ -41,7 +41,9 @@ _calls = itertools.count()
 
 
 @dataclass(frozen=True)
-class CompiledKernel:
+class KernelResources:
+    """What one compiled kernel needs on its architecture."""
+
     kernel: str  # the @triton.jit function's name
     arch: int
     shared: int  # bytes of shared memory per block
@@ -93,7 +95,7 @@ class _TargetDriver:
         return lambda *args: None
 
 
-def compile_launch(launch: Callable[[], object], arch: int) -> list[CompiledKernel]:
+def compile_launch(launch: Callable[[], object], arch: int) -> list[KernelResources]:
     """Run `launch` as on one sm_<arch> GPU and return every kernel it launched, compiled for it.
 
     A kernel over the shared-memory limit comes back with fits == False; Triton raises OutOfResources
@@ -123,14 +125,14 @@ def compile_launch(launch: Callable[[], object], arch: int) -> list[CompiledKern
         compiled = _compiled(fn, stand_in.device, metadata.hash)
         usage = ptxas_usage(compiled.asm["ptx"], arch)
         constants = {fn.arg_names[path[0]]: value for path, value in compiled.src.constants.items()}
-        results.append(CompiledKernel(
+        results.append(KernelResources(
             kernel=fn.__name__, arch=arch, shared=metadata.shared, shared_limit=SHARED_MEMORY[arch],
             num_warps=metadata.num_warps, num_stages=metadata.num_stages, constants=constants, **usage))
     return results
 
 
 def _compiled(fn, device, kernel_hash):
-    """The CompiledKernel object of `fn` with this hash, from the JITFunction's per-device cache."""
+    """Triton's CompiledKernel of `fn` with this hash (it holds the PTX), from the JITFunction's cache."""
     kernel_cache = fn.device_caches[device][0]
     return next(k for k in kernel_cache.values() if k.hash == kernel_hash)
 
