@@ -171,10 +171,9 @@ def compile_all(arch: int, dtypes: list[str], head_dims: list[int]) -> list[dict
                     compiled = compile_check.compile_launch(
                         lambda: launch_variant(DTYPES[dtype_name], head_dim, causal, packed), arch)
                     for kernel in compiled:
-                        key = (dtype_name, kernel.kernel, str(kernel.constants))
-                        if key in seen:  # packed and dense specialise alike: report each kernel once
+                        if kernel.hash in seen:  # e.g. packed and dense rows compile to one kernel
                             continue
-                        seen.add(key)
+                        seen.add(kernel.hash)
                         row = dict(variant, kernel=kernel.kernel, ok=kernel.fits, shared_bytes=kernel.shared,
                                    shared_limit=kernel.shared_limit, registers=kernel.registers,
                                    spill_stores=kernel.spill_stores, spill_loads=kernel.spill_loads,

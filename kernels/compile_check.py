@@ -54,6 +54,7 @@ class KernelResources:
     num_warps: int
     num_stages: int
     constants: dict  # the constexpr arguments of this launch, e.g. {"BLOCK_M": 128}
+    hash: str  # Triton's key of this compiled specialisation: equal hashes, one kernel
 
     @property
     def fits(self) -> bool:
@@ -127,7 +128,8 @@ def compile_launch(launch: Callable[[], object], arch: int) -> list[KernelResour
         constants = {fn.arg_names[path[0]]: value for path, value in compiled.src.constants.items()}
         results.append(KernelResources(
             kernel=fn.__name__, arch=arch, shared=metadata.shared, shared_limit=SHARED_MEMORY[arch],
-            num_warps=metadata.num_warps, num_stages=metadata.num_stages, constants=constants, **usage))
+            num_warps=metadata.num_warps, num_stages=metadata.num_stages, constants=constants,
+            hash=metadata.hash, **usage))
     return results
 
 
