@@ -420,7 +420,8 @@ def launch_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> dict
     `bench/attention.py --compile-only ARCH`, which compiles every variant as the runtime does and prints
     shared memory, registers and spills:
     - 8 warps for the 128-row tiles of half precision and for the fp32 dK/dV: with 4, a thread needs
-      more than 255 registers and spills (D=64: fwd and dK/dV on sm_86, dK/dV on sm_90);
+      more than 255 registers and spills (D=64: fwd and dK/dV on sm_86, dK/dV on sm_90); but 4 for the
+      fp32 forward, which spilled 12 B at 8 warps (D > 64, sm_80);
     - half-precision dK/dV over 64 keys, not 128, at head dims > 64: its two fp32 accumulators and the
       K, V tiles of 128 keys spilled 64 B per thread on sm_86;
     - fp32 tiles take twice the bytes: at head dims > 64 the backward blocks of 64 rows need 115 KB,
@@ -431,11 +432,10 @@ def launch_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> dict
     wide = block_d > 64
     if dtype == torch.float32:
         rows = 32 if wide and shared_memory < 128 * 1024 else 64
-        warps = 8 if wide else 4
         return dict(BLOCK_D=block_d,
-                    fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=warps, num_stages=2),
+                    fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
                     dkdv=dict(BLOCK_M=32, BLOCK_N=rows, num_warps=8, num_stages=2),
-                    dq=dict(BLOCK_M=rows, BLOCK_N=32, num_warps=warps, num_stages=2))
+                    dq=dict(BLOCK_M=rows, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2))
     return dict(BLOCK_D=block_d,
                 fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                 dkdv=dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=8, num_stages=3),
