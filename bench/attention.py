@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/attention.py [--out bench_attention.json]
     PYTHONPATH=. python bench/attention.py --check-only     # correctness only; on CPU via Triton's interpreter
-    PYTHONPATH=. python bench/attention.py --compile-only 90  # build every kernel for sm_90, no GPU needed
+    PYTHONPATH=. python bench/attention.py --compile-only 86  # every kernel as an A10G runs it, no GPU needed
 
 Checks correctness first (our kernels vs the fp32 reference, forward and gradients, several dtypes and
 head dims, dense and packed) and stops if a check fails. Then times, with triton.testing.do_bench
@@ -14,9 +14,14 @@ the device name, commit and versions next to every figure.
 FLOPs (in `attention_flops`): forward 4 * B * H * T^2 * D (two matmuls of 2*T*T*D per head), halved when
 causal; backward 2.5x the forward (five matmuls to the forward's two); fwd+bwd 3.5x. Packed batches count
 the real FLOPs, sum over sequences of 4 * H * L^2 * D (halved when causal); padding earns nothing.
---compile-only compiles each kernel variant (dtype x head dim x causal) to a cubin for the given
-architecture with Triton's own compiler and ptxas, and prints its shared memory: it catches the errors
-the CPU interpreter cannot see (types, layouts, shared memory over the limit) on a machine without a GPU.
+--compile-only ARCH (80 A100, 86 A10G / RTX 30xx, 89 L4 / RTX 40xx, 90 H100 / H200) runs every variant
+the model can request (fp16 / bf16 / fp32, head dims 32 / 64 / 80 / 128, causal or not, dense or packed)
+through the kernels' own launchers, forward and backward, on a stand-in for that GPU
+(kernels/compile_check.py): the launchers choose their settings for it and Triton specialises and
+compiles as on the device. It prints each distinct kernel's shared memory against the limit, registers
+and spills (ptxas -v), and exits non-zero when one is over the limit. This catches on a machine without
+a GPU what the CPU interpreter cannot see (types, layouts, resources). About 5 minutes per architecture
+on 2 CPU cores; tests/test_compile_check.py runs a subset.
 
 Each input tensor of the timed shapes is 32 MiB, larger than the H100's 50 MB L2 taken three at a time,
 so inputs are not rotated.
@@ -49,8 +54,8 @@ from kernels import (  # noqa: E402
     attention_varlen_reference,
     flash_attention,
     flash_attention_varlen,
-    interpreter_fix,
 )
+from kernels import compile_check  # noqa: E402
 from kernels.reference import outputs_and_gradients  # noqa: E402
 # The module itself (kernels and launch_config); `kernels.flash_attention` is the function.
 fa = importlib.import_module("kernels.flash_attention")
@@ -135,53 +140,52 @@ def check_correctness(device: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32"}  # others: the input dtype
+MODEL_HEAD_DIMS = [32, 64, 80, 128]  # every head dim the model's configs use (OPT-350M: 64)
 
 
-def kernel_variants(dtype, head_dim: int, causal: bool):
-    """(kernel, constexprs, options) for each launch `_forward` / `_backward` would make."""
-    cfg = fa.launch_config(head_dim, dtype)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"])
-    attention = dict(common, CAUSAL=causal, DOT_DTYPE=fa._TL_DTYPES[dtype])
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    yield fa._fwd_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]), options
-    yield fa._bwd_preprocess_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"]), dict(num_warps=cfg["num_warps"])
-    yield fa._bwd_dkdv_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"]), options
-    yield fa._bwd_dq_kernel, dict(attention, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"]), options
+def launch_variant(dtype, head_dim: int, causal: bool, packed: bool):
+    """One forward and backward through the kernels' own launchers, on meta tensors shaped as the model
+    passes them (16 heads; dense rows or packed sequences), for kernels.compile_check."""
+    heads, seq_len, batch = 16, 256, 2
+    if packed:
+        shape, cu_seqlens = (batch * seq_len, heads, head_dim), [0, 100, batch * seq_len]
+    else:
+        shape, cu_seqlens = (batch, heads, seq_len, head_dim), [0, seq_len, batch * seq_len]
+    q, k, v = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(3))
+    cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32, device="meta")
+    args = (cu_seqlens, seq_len, causal, head_dim ** -0.5, not packed)
+    o, lse = fa._forward(q, k, v, *args)
+    fa._backward(torch.empty_like(o), q, k, v, o, lse, *args)
 
 
 def compile_all(arch: int, dtypes: list[str], head_dims: list[int]) -> list[dict]:
-    """Compile every kernel variant to a cubin for sm_<arch> through Triton's compiler and ptxas."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", arch, 32)
-    results = []
+    """Compile every kernel each variant launches for sm_<arch> (see kernels/compile_check.py); one row
+    per distinct kernel, with shared memory against the limit, registers and spills."""
+    rows, seen = [], set()
     for dtype_name in dtypes:
-        element = str(fa._TL_DTYPES[DTYPES[dtype_name]])  # "fp32", "fp16", "bf16"
         for head_dim in head_dims:
             for causal in (True, False):
-                for kernel, constexprs, options in kernel_variants(DTYPES[dtype_name], head_dim, causal):
-                    signature = {}
-                    for param in kernel.params:
-                        if param.is_constexpr:
-                            signature[param.name] = "constexpr"
-                        elif param.name.isupper():  # pointers are the upper-case arguments
-                            signature[param.name] = POINTER_TYPES.get(param.name, "*" + element)
-                        else:
-                            signature[param.name] = "fp32" if param.name.endswith("scale") else "i32"
-                    source = ASTSource(fn=kernel, signature=signature,
-                                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-                    row = dict(kernel=kernel.__name__, dtype=dtype_name, head_dim=head_dim, causal=causal, ok=True)
-                    try:
-                        row["shared_bytes"] = triton.compile(source, target=target, options=options).metadata.shared
-                    except Exception as error:  # report every failing variant, not just the first
-                        row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:2000]}")
-                    results.append(row)
-                    detail = f"shared {row['shared_bytes']} B" if row["ok"] else row["error"]
-                    print(f"compile sm_{arch} {row['kernel']:24s} {dtype_name:8s} D={head_dim:3d} "
-                          f"causal={causal!s:5s} {'ok' if row['ok'] else 'FAIL'} {detail}", flush=True)
-    return results
+                for packed in (False, True):
+                    variant = dict(dtype=dtype_name, head_dim=head_dim, causal=causal,
+                                   layout="packed" if packed else "dense")
+                    compiled = compile_check.compile_launch(
+                        lambda: launch_variant(DTYPES[dtype_name], head_dim, causal, packed), arch)
+                    for kernel in compiled:
+                        if kernel.hash in seen:  # e.g. packed and dense rows compile to one kernel
+                            continue
+                        seen.add(kernel.hash)
+                        row = dict(variant, kernel=kernel.kernel, ok=kernel.fits, shared_bytes=kernel.shared,
+                                   shared_limit=kernel.shared_limit, registers=kernel.registers,
+                                   spill_stores=kernel.spill_stores, spill_loads=kernel.spill_loads,
+                                   num_warps=kernel.num_warps, num_stages=kernel.num_stages,
+                                   blocks={n: v for n, v in kernel.constants.items() if n.startswith("BLOCK")})
+                        rows.append(row)
+                        print(f"sm_{arch} {row['kernel']:24s} {dtype_name:8s} D={head_dim:3d} "
+                              f"causal={causal!s:5s} shared {row['shared_bytes']:7,d} / {row['shared_limit']:,d} B "
+                              f"regs {row['registers']:3d} spills {row['spill_stores']:3d} B "
+                              f"warps {row['num_warps']} stages {row['num_stages']} "
+                              f"{'ok' if row['ok'] else 'OVER THE LIMIT (the launch stops here)'}", flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,11 +311,13 @@ def main() -> None:
     parser.add_argument("--check-only", action="store_true",
                         help="run the correctness check and stop (on CPU through Triton's interpreter)")
     parser.add_argument("--compile-only", type=int, metavar="SM", default=None,
-                        help="compile every kernel variant for this compute capability (90 = H100) and stop")
+                        choices=sorted(compile_check.SHARED_MEMORY),
+                        help="compile every kernel variant for this compute capability (86 = A10G, 90 = H100), "
+                             "print shared memory, registers and spills, and fail if one is over the limit")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES),
                         help="dtypes for --compile-only (default: all)")
-    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 80, 128],
-                        help="head dims for --compile-only (default: 64 80 128)")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=MODEL_HEAD_DIMS,
+                        help=f"head dims for --compile-only (default: {MODEL_HEAD_DIMS})")
     args = parser.parse_args()
 
     if args.compile_only is not None:
@@ -321,13 +327,12 @@ def main() -> None:
             json.dump(dict(meta=dict(target=f"sm_{args.compile_only}", commit=git_commit(),
                                      triton=triton.__version__), compiled=results), f, indent=2)
         if failed:
-            sys.exit(f"bench/attention.py: {len(failed)} of {len(results)} kernel variants failed to compile")
-        print(f"all {len(results)} kernel variants compiled for sm_{args.compile_only}; wrote {args.out}")
+            sys.exit(f"bench/attention.py: {len(failed)} of {len(results)} kernels do not fit sm_{args.compile_only} "
+                     f"(shared memory over {compile_check.SHARED_MEMORY[args.compile_only]:,d} B); wrote {args.out}")
+        print(f"all {len(results)} kernels fit sm_{args.compile_only}; wrote {args.out}")
         return
 
-    if CPU_CHECK:
-        interpreter_fix.apply()  # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
-    elif not torch.cuda.is_available():
+    if not CPU_CHECK and not torch.cuda.is_available():
         sys.exit("bench/attention.py: timing needs a CUDA GPU; use --check-only on CPU")
     device = "cpu" if CPU_CHECK else "cuda"
     device_name = "cpu (Triton interpreter)" if CPU_CHECK else torch.cuda.get_device_name()

@@ -32,23 +32,30 @@ Supported: fp16 and bf16 (fp32 accumulation), fp32 (tl.dot runs as tf32 on a GPU
 (padded to a power-of-two block with masks, e.g. 80 -> 128); any length, 1 included. Inputs may be
 non-contiguous views (strides are passed); a head dim that is not unit-stride is copied once.
 
-Launch settings depend on head dim and dtype only (`launch_config`), never on the sequence length, so a
-new length never re-tunes; no length is passed to the kernels (they read cu_seqlens), and for head dims
-that are multiples of 16 every stride keeps its divisibility by 16, so a new length does not recompile.
+Launch settings depend on the device's shared memory per block, head dim and dtype (`launch_config`),
+never on the sequence length, so a new length never re-tunes; no length is passed to the kernels (they
+read cu_seqlens), and for head dims that are multiples of 16 every stride keeps its divisibility by 16,
+so a new length does not recompile. Kernels launch on the inputs' GPU, whatever the current device.
+`bench/attention.py --compile-only ARCH` checks every variant against sm_80 / 86 / 89 / 90 without a GPU.
 
 Triton's interpreter (TRITON_INTERPRET=1, CPU tests) computes bf16 tl.dot wrongly (it multiplies the raw
 bf16 bit patterns held in numpy), so when the kernels were built by the interpreter the dot operands are
 upcast to fp32 (`DOT_DTYPE`). On CPU tensors without the interpreter the launcher raises a RuntimeError.
-With numpy >= 2.4, Triton 3.6's interpreter also needs `kernels.interpreter_fix.apply()` (see there).
+With numpy >= 2.4, Triton 3.6's interpreter also needs `kernels.interpreter_fix.apply()`, which this
+module calls itself when its kernels were built by the interpreter (see there).
 
 Run the tests: `pytest tests/test_flash_attention.py`; the benchmark: `PYTHONPATH=. python bench/attention.py`.
 """
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
+
+from kernels import interpreter_fix
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -399,24 +406,40 @@ def _interpreted() -> bool:
     return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
 
-def launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps per kernel, fixed by head dim and dtype (never by sequence length).
+if _interpreted():  # Triton 3.6's interpreter fails our data-dependent loops with numpy >= 2.4; see there
+    interpreter_fix.apply()
 
-    Fwd: BLOCK_M queries x BLOCK_N keys (BLOCK_N divides BLOCK_M). dK/dV: BLOCK_N1 keys owned, BLOCK_M1
-    queries streamed; dQ: BLOCK_M2 queries owned, BLOCK_N2 keys streamed (the shapes of Triton's
-    tutorial for Hopper). fp32 halves the blocks to stay inside shared memory. All blocks are >= 16,
-    the smallest tl.dot operand a GPU accepts.
+
+def launch_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> dict:
+    """Per kernel, block sizes, warps and stages for the device's shared memory per block, head dim and
+    dtype (never the sequence length, so a new length never re-tunes or recompiles).
+
+    fwd: BLOCK_M queries x BLOCK_N keys (BLOCK_N divides BLOCK_M; the backward preprocess uses its
+    BLOCK_M). dkdv: BLOCK_N keys owned, BLOCK_M queries streamed; dq: BLOCK_M queries owned, BLOCK_N keys
+    streamed. All blocks are >= 16, the smallest tl.dot operand a GPU accepts. Chosen with
+    `bench/attention.py --compile-only ARCH`, which compiles every variant as the runtime does and prints
+    shared memory, registers and spills:
+    - 8 warps for the 128-row tiles of half precision and for the fp32 dK/dV: with 4, a thread needs
+      more than 255 registers and spills (D=64: fwd and dK/dV on sm_86, dK/dV on sm_90); but 4 for the
+      fp32 forward, which spilled 12 B at 8 warps (D > 64, sm_80);
+    - half-precision dK/dV over 64 keys, not 128, at head dims > 64: its two fp32 accumulators and the
+      K, V tiles of 128 keys spilled 64 B per thread on sm_86;
+    - fp32 tiles take twice the bytes: at head dims > 64 the backward blocks of 64 rows need 115 KB,
+      over the 99 KiB of sm_86 / sm_89 (A10G, L4), so devices with under 128 KiB per block get 32 rows.
+    The resulting figures per variant are in BENCHMARKS.md.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     wide = block_d > 64
     if dtype == torch.float32:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32,
-                   num_warps=4 if not wide else 8, num_stages=2)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32,
-                   num_warps=4 if not wide else 8, num_stages=3)
-    cfg["BLOCK_D"] = block_d
-    return cfg
+        rows = 32 if wide and shared_memory < 128 * 1024 else 64
+        return dict(BLOCK_D=block_d,
+                    fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+                    dkdv=dict(BLOCK_M=32, BLOCK_N=rows, num_warps=8, num_stages=2),
+                    dq=dict(BLOCK_M=rows, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2))
+    return dict(BLOCK_D=block_d,
+                fwd=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                dkdv=dict(BLOCK_M=32, BLOCK_N=64 if wide else 128, num_warps=8, num_stages=3),
+                dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
 
 
 def _row_strides(x: torch.Tensor, dense: bool) -> tuple[int, int, int]:
@@ -489,23 +512,33 @@ def _dot_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU (a model on cuda:1 launches there, whatever the current device is)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _shared_memory() -> int:
+    """Shared memory per block of the current device, as Triton checks it when loading a kernel."""
+    if _interpreted():  # no GPU limit applies; use an A10G's (sm_86), the smallest of our targets
+        return 101_376
+    return driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"]
+
+
 def _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
     """Launch the forward kernel. Returns O (q's shape) and the base-2 LSE, (H, total) fp32."""
     heads, head_dim = q.shape[1], q.shape[-1]  # H sits at dim 1 of both (B, H, T, D) and (total, H, D)
     num_seqs = cu_seqlens.numel() - 1
     total = q.shape[0] * q.shape[2] if dense else q.shape[0]
-    cfg = launch_config(head_dim, q.dtype)
+    cfg = launch_config(head_dim, q.dtype, _shared_memory())
     o = _empty_rows(q, dense)
     lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, num_seqs)
+    grid = (triton.cdiv(max_seqlen, cfg["fwd"]["BLOCK_M"]), heads, num_seqs)
     _fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens,
         *_row_strides(q, dense), *_row_strides(k, dense), *_row_strides(v, dense), *_row_strides(o, dense),
         lse.stride(0),
         sm_scale * math.log2(math.e),
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=_dot_dtype(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=_dot_dtype(q.dtype), **cfg["fwd"],
     )
     return o, lse
 
@@ -514,29 +547,28 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
     """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv in the inputs' shapes."""
     heads, head_dim = lse.shape[0], q.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
-    cfg = launch_config(head_dim, q.dtype)
+    cfg = launch_config(head_dim, q.dtype, _shared_memory())
     do = _head_dim_contiguous(do)
     dq, dk, dv = (_empty_rows(x, dense) for x in (q, k, v))
     delta = torch.empty_like(lse)
     q_s, k_s, v_s, o_s, do_s = (_row_strides(x, dense) for x in (q, k, v, o, do))
     dot_dtype = _dot_dtype(q.dtype)
-    common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=dot_dtype,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=dot_dtype)
 
-    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), heads, num_seqs)](
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg["fwd"]["BLOCK_M"]), heads, num_seqs)](
         o, do, delta, cu_seqlens, *o_s, *do_s, delta.stride(0),
-        HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        HEAD_DIM=head_dim, BLOCK_M=cfg["fwd"]["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
     )
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N1"]), heads, num_seqs)](
+    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["dkdv"]["BLOCK_N"]), heads, num_seqs)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, *q_s, *k_s, *v_s, *do_s,
         *_row_strides(dk, dense), *_row_strides(dv, dense), lse.stride(0),
         sm_scale, sm_scale * math.log2(math.e),
-        BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"], **common,
+        **common, **cfg["dkdv"],
     )
-    _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M2"]), heads, num_seqs)](
+    _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["dq"]["BLOCK_M"]), heads, num_seqs)](
         q, k, v, do, dq, lse, delta, cu_seqlens, *q_s, *k_s, *v_s, *do_s, *_row_strides(dq, dense), lse.stride(0),
         sm_scale, sm_scale * math.log2(math.e),
-        BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], **common,
+        **common, **cfg["dq"],
     )
     return dq, dk, dv
 
@@ -549,7 +581,8 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
-        o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense)
+        with _on_device(q):
+            o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.args = (max_seqlen, causal, sm_scale, dense)
         return o
@@ -557,7 +590,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
+        with _on_device(q):
+            dq, dk, dv = _backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 

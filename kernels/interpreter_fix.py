@@ -6,9 +6,9 @@ numpy 2.4 rejects int() on arrays with ndim > 0 ("only 0-dimensional arrays can 
 scalars"), so every kernel with a data-dependent loop fails under TRITON_INTERPRET=1. Reported as
 triton-lang/triton#9171, fixed upstream by #9172 (`int(self.handle.data.squeeze())`).
 
-`apply()` installs that one-line fix for this process and does nothing when it is not needed (no
-interpreter, or a numpy that still accepts the conversion). It is opt-in: tests and the benchmark's
-CPU check call it explicitly; importing `kernels` never patches anything.
+`apply()` installs that one-line fix for this process and does nothing when it is not needed (a
+numpy that still accepts the conversion). Each kernel module calls it at import when its kernels were
+built by the interpreter, so `TRITON_INTERPRET=1` alone runs them on CPU; with a GPU nothing is patched.
 
     from kernels import interpreter_fix; interpreter_fix.apply()
 """

@@ -1,4 +1,10 @@
-"""Shared test fixtures: where ../shared lives, and Triton's interpreter on machines without a GPU."""
+"""Shared test setup: the device tests run on, the `gpu` marker, and where ../shared lives.
+
+On a machine with CUDA, tests that take the `device` fixture (or use DEVICE) put their tensors on the GPU
+and the Triton kernels are compiled for it; without one they run on CPU through Triton's interpreter.
+
+    pytest -m gpu     # the subset worth running on a GPU: kernels and the model through them
+"""
 
 import os
 from pathlib import Path
@@ -6,15 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 
-# Kernel tests run through Triton's interpreter on CPU; it must be chosen before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kernels import interpreter_fix  # Triton 3.6's interpreter vs numpy >= 2.4; see that module
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-    interpreter_fix.apply()
+# The interpreter is chosen when triton decorates the kernels, so it must be set before triton is imported.
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: worth running on a CUDA device (Triton kernels, the model through "
+                                       "them); select with `pytest -m gpu`")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where test tensors live: the GPU when there is one, else the CPU (kernels through the interpreter)."""
+    return torch.device(DEVICE)
 
 
 def shared_path(*parts: str) -> Path:

@@ -1,53 +1,39 @@
-"""Tests for kernels/flash_attention.py against the fp32 torch reference, on CPU through Triton's interpreter.
+"""Tests for kernels/flash_attention.py against the fp32 torch reference: on the GPU when there is one,
+else on CPU through Triton's interpreter (see conftest.py).
 
-    pytest tests/test_flash_attention.py
+    pytest tests/test_flash_attention.py          # pytest -m gpu: the tests worth running on a GPU
 
 Forward output and dq/dk/dv are compared on awkward shapes: lengths that are not block multiples,
 length 1, several heads, head dims 64/80/128, causal and not, packed sequences of unequal lengths, and
 non-contiguous views. Also: launch settings independent of the length, input errors, the CPU error
-without the interpreter, a real sm_90 compile of the kernels (no GPU needed), and a tiny OPT with
-attn="triton" against attn="eager" (logits, gradients, three training steps). Interpreted kernels are
-slow, so shapes are small and parameters few.
+without the interpreter, the interpreter on a fresh process, and a tiny OPT with attn="triton" against
+attn="eager" (logits, gradients, three training steps). Interpreted kernels are slow, so shapes are
+small and parameters few. The compile check for real GPUs is tests/test_compile_check.py.
 """
 
+import inspect
 import os
+import subprocess
+import sys
 
-# Must precede the first import of triton (kernels imports it): the interpreter is chosen when the
-# kernels are decorated. conftest.py may set it too; setting it twice is harmless.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+from conftest import DEVICE, REPO
 
-import inspect  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels import (  # noqa: E402
-    attention_reference,
-    attention_varlen_reference,
-    flash_attention,
-    flash_attention_varlen,
-    interpreter_fix,
-)
-from kernels.flash_attention import launch_config  # noqa: E402
-from kernels.reference import outputs_and_gradients  # noqa: E402
-
-interpreter_fix.apply()  # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
-
-REPO = Path(__file__).resolve().parents[1]
+from kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
+from kernels.compile_check import SHARED_MEMORY
+from kernels.flash_attention import launch_config
+from kernels.reference import outputs_and_gradients
 
 # (dtype, atol, rtol) against the fp32 reference, for the output and every gradient:
-# |actual - expected| <= atol + rtol * |expected|. fp32 is exact up to summation order in the
-# interpreter (a GPU runs fp32 dots as tf32 and would need ~1e-2). Half precision pays for rounding
-# P and dS to 16 bits before the dots and for rounding the outputs; bf16 has 8 mantissa bits and the
-# interpreter computes its dots in fp32, so its error is mostly the final rounding.
-TOLERANCES = [
-    (torch.float32, 2e-5, 1e-5),
-    (torch.float16, 3e-3, 3e-3),
-    (torch.bfloat16, 2e-2, 2e-2),
-]
+# |actual - expected| <= atol + rtol * |expected|. In the interpreter fp32 is exact up to summation
+# order and bf16 dots run in fp32, so the error is mostly the final rounding. A GPU runs fp32 dots as
+# tf32 (10 mantissa bits) and rounds P and dS to 16 bits before the half-precision dots, so its
+# tolerances are those of the GPU check in bench/attention.py.
+TOLERANCES = {
+    "cpu": [(torch.float32, 2e-5, 1e-5), (torch.float16, 3e-3, 3e-3), (torch.bfloat16, 2e-2, 2e-2)],
+    "cuda": [(torch.float32, 2e-2, 2e-2), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 5e-2, 5e-2)],
+}[DEVICE]
 
 
 def assert_close(name, actual, expected, atol, rtol):
@@ -79,11 +65,12 @@ DENSE_SHAPES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("batch,heads,seq_len,head_dim,causal", DENSE_SHAPES)
-def test_dense_matches_reference(batch, heads, seq_len, head_dim, causal, dtype, atol, rtol):
+def test_dense_matches_reference(batch, heads, seq_len, head_dim, causal, dtype, atol, rtol, device):
     torch.manual_seed(0)
-    inputs = [torch.randn(batch, heads, seq_len, head_dim, dtype=dtype) for _ in range(3)]
+    inputs = [torch.randn(batch, heads, seq_len, head_dim, dtype=dtype, device=device) for _ in range(3)]
     check_against_reference(
         lambda q, k, v: flash_attention(q, k, v, causal=causal),
         lambda q, k, v: attention_reference(q, k, v, causal=causal),
@@ -95,12 +82,13 @@ def test_dense_matches_reference(batch, heads, seq_len, head_dim, causal, dtype,
 VARLEN_CASES = [(True, *tolerance) for tolerance in TOLERANCES] + [(False, *TOLERANCES[0])]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal,dtype,atol,rtol", VARLEN_CASES, ids=lambda x: str(x).replace("torch.", ""))
-def test_varlen_matches_reference(causal, dtype, atol, rtol):
+def test_varlen_matches_reference(causal, dtype, atol, rtol, device):
     torch.manual_seed(1)
     lengths = [5, 1, 70, 33]  # unequal, one of length 1, one crossing a 64-row block edge
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    inputs = [torch.randn(sum(lengths), 3, 64, dtype=dtype) for _ in range(3)]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    inputs = [torch.randn(sum(lengths), 3, 64, dtype=dtype, device=device) for _ in range(3)]
     check_against_reference(
         lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=causal),
         lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, max(lengths), causal=causal),
@@ -108,11 +96,12 @@ def test_varlen_matches_reference(causal, dtype, atol, rtol):
     )
 
 
-def test_varlen_never_crosses_sequence_boundaries():
+@pytest.mark.gpu
+def test_varlen_never_crosses_sequence_boundaries(device):
     """Changing one sequence's keys and values must not move any other sequence's output."""
     torch.manual_seed(2)
-    cu_seqlens = torch.tensor([0, 7, 19, 20], dtype=torch.int32)
-    q, k, v = (torch.randn(20, 2, 32) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 7, 19, 20], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(20, 2, 32, device=device) for _ in range(3))
     before = flash_attention_varlen(q, k, v, cu_seqlens, 12)
     k2, v2 = k.clone(), v.clone()
     k2[7:19] += 5.0
@@ -122,11 +111,12 @@ def test_varlen_never_crosses_sequence_boundaries():
     torch.testing.assert_close(after[19:], before[19:], rtol=0, atol=0)
 
 
-def test_non_contiguous_views_of_a_fused_qkv():
+@pytest.mark.gpu
+def test_non_contiguous_views_of_a_fused_qkv(device):
     """The model slices q, k, v out of one projection: strided views must work without copies in between."""
     torch.manual_seed(3)
     batch, seq_len, heads, head_dim = 2, 21, 2, 64
-    qkv = torch.randn(batch, seq_len, 3, heads, head_dim)
+    qkv = torch.randn(batch, seq_len, 3, heads, head_dim, device=device)
     sm_scale = 0.3
 
     # Dense: (B, T, 3, H, D) -> three (B, H, T, D) views with token stride 3*H*D.
@@ -140,7 +130,7 @@ def test_non_contiguous_views_of_a_fused_qkv():
 
     # Packed: (B*T, 3, H, D) -> three (B*T, H, D) views; the two rows are two sequences.
     packed = [qkv.reshape(batch * seq_len, 3, heads, head_dim)[:, i] for i in range(3)]
-    cu_seqlens = torch.tensor([0, seq_len, 2 * seq_len], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, seq_len, 2 * seq_len], dtype=torch.int32, device=device)
     check_against_reference(
         lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, seq_len, sm_scale=sm_scale),
         lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, seq_len, sm_scale=sm_scale),
@@ -149,16 +139,21 @@ def test_non_contiguous_views_of_a_fused_qkv():
 
 
 def test_launch_config_does_not_depend_on_sequence_length():
-    # The only inputs are head dim and dtype: a new T never re-tunes or picks other blocks.
-    assert list(inspect.signature(launch_config).parameters) == ["head_dim", "dtype"]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for head_dim in (16, 64, 80, 128):
-            cfg = launch_config(head_dim, dtype)
-            blocks = {name: size for name, size in cfg.items() if name.startswith("BLOCK")}
-            assert all(size >= 16 and size & (size - 1) == 0 for size in blocks.values()), blocks
-            assert cfg["BLOCK_D"] >= head_dim
-            assert cfg["BLOCK_M"] % cfg["BLOCK_N"] == 0 and cfg["BLOCK_N1"] % cfg["BLOCK_M1"] == 0
-    assert launch_config(80, torch.bfloat16) == launch_config(128, torch.bfloat16)
+    # The only inputs are the device's shared memory, head dim and dtype: a new T never re-tunes.
+    assert list(inspect.signature(launch_config).parameters) == ["head_dim", "dtype", "shared_memory"]
+    for shared_memory in SHARED_MEMORY.values():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for head_dim in (16, 32, 64, 80, 128):
+                cfg = launch_config(head_dim, dtype, shared_memory)
+                assert cfg["BLOCK_D"] >= head_dim
+                for kernel in ("fwd", "dkdv", "dq"):
+                    blocks = [cfg[kernel]["BLOCK_M"], cfg[kernel]["BLOCK_N"], cfg["BLOCK_D"]]
+                    assert all(size >= 16 and size & (size - 1) == 0 for size in blocks), (kernel, blocks)
+                # The owned block is a multiple of the streamed one (causal loops split on its edges).
+                assert cfg["fwd"]["BLOCK_M"] % cfg["fwd"]["BLOCK_N"] == 0
+                assert cfg["dkdv"]["BLOCK_N"] % cfg["dkdv"]["BLOCK_M"] == 0
+                assert cfg["dq"]["BLOCK_M"] % cfg["dq"]["BLOCK_N"] == 0
+    assert launch_config(80, torch.bfloat16, 101_376) == launch_config(128, torch.bfloat16, 101_376)
 
 
 @pytest.mark.parametrize("make_inputs,error,match", [
@@ -190,27 +185,31 @@ def test_cpu_without_interpreter_raises_a_clear_error():
     assert "RuntimeError" in result.stderr and "TRITON_INTERPRET=1" in result.stderr, result.stderr[-2000:]
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    """The interpreter cannot see compiler-only errors (types, layouts, shared memory): build the real
-    sm_90 cubins of one dtype and the padded head dim, with Triton's compiler and ptxas, no GPU needed."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+def test_interpreter_runs_on_a_fresh_process():
+    """TRITON_INTERPRET=1 alone runs the kernels on CPU (issue 21): the varlen kernel's loop bounds come
+    from cu_seqlens, which Triton 3.6's interpreter cannot convert under numpy >= 2.4 unless the kernels
+    apply kernels/interpreter_fix.py themselves; no test fixture may do it for them."""
+    script = ("import torch\n"
+              "from kernels import flash_attention_varlen\n"
+              "q = torch.randn(9, 2, 16)\n"
+              "cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)\n"
+              "out = flash_attention_varlen(q, q, q, cu_seqlens, 5)\n"
+              "print('finite', bool(out.isfinite().all()))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    command = [sys.executable, str(REPO / "bench" / "attention.py"), "--compile-only", "90",
-               "--dtypes", "bfloat16", "--head-dims", "80", "--out", str(tmp_path / "compile.json")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "all 8 kernel variants compiled for sm_90" in result.stdout
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "finite True" in result.stdout, result.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model level: a tiny OPT with attn="triton" against attn="eager" (fp32), dense, left-padded and packed.
 # ---------------------------------------------------------------------------------------------------
 
-MODEL_ATOL = 1e-5
+MODEL_ATOL = {"cpu": 1e-5, "cuda": 2e-3}[DEVICE]  # the kernel's fp32 dots run as tf32 on a GPU, eager's do not
 
 
 @pytest.fixture(scope="module")
-def tiny_models():
+def tiny_models(device):
     slm = pytest.importorskip("slm")
     config = slm.OPTConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                            ffn_dim=128, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
@@ -218,24 +217,26 @@ def tiny_models():
     triton_model.init_weights(seed=0)
     eager_model = slm.OPT(config, attn="eager")
     eager_model.load_state_dict(triton_model.state_dict())
-    return triton_model, eager_model
+    return triton_model.to(device), eager_model.to(device)
 
 
-def model_batches():
-    """(name, ids (B, T), model kwargs, (B, T) mask of the positions that count)."""
+def model_batches(device) -> dict:
+    """{name: (ids (B, T), model kwargs, (B, T) mask of the positions that count)} on `device`."""
     g = torch.Generator().manual_seed(4)
-    ids = torch.randint(3, 96, (2, 19), generator=g)
-    full = torch.ones(2, 19, dtype=torch.long)
+    ids = torch.randint(3, 96, (2, 19), generator=g).to(device)
+    full = torch.ones(2, 19, dtype=torch.long, device=device)
     left = full.clone()
     left[1, :6] = 0  # left padding, as evaluation prefill builds it
-    cu_seqlens = torch.tensor([0, 7, 8, 19, 38], dtype=torch.int32)  # 4 packed sequences, one of length 1
-    yield "dense", ids, dict(), full
-    yield "left-padded", ids.masked_fill(left == 0, 1), dict(attention_mask=left), left
-    yield "packed", ids, dict(cu_seqlens=cu_seqlens, max_seqlen=19), full
+    cu_seqlens = torch.tensor([0, 7, 8, 19, 38], dtype=torch.int32, device=device)  # 4 sequences, one of length 1
+    return {"dense": (ids, dict(), full),
+            "left-padded": (ids.masked_fill(left == 0, 1), dict(attention_mask=left), left),
+            "packed": (ids, dict(cu_seqlens=cu_seqlens, max_seqlen=19), full)}
 
 
-@pytest.mark.parametrize("name,ids,kwargs,real", [pytest.param(*batch, id=batch[0]) for batch in model_batches()])
-def test_model_logits_and_gradients_match_eager(tiny_models, name, ids, kwargs, real):
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dense", "left-padded", "packed"])
+def test_model_logits_and_gradients_match_eager(tiny_models, name, device):
+    ids, kwargs, real = model_batches(device)[name]
     losses, grads, logits = [], [], []
     for model in tiny_models:
         model.zero_grad()
@@ -252,10 +253,11 @@ def test_model_logits_and_gradients_match_eager(tiny_models, name, ids, kwargs, 
         assert_close(f"{name} grad of {param}", grads[0][param], grads[1][param], MODEL_ATOL, 0)
 
 
-def test_model_training_steps_match_eager(tiny_models):
+@pytest.mark.gpu
+def test_model_training_steps_match_eager(tiny_models, device):
     """Three AdamW steps on a packed batch give the same losses with the kernel on and off."""
     triton_model, eager_model = tiny_models
-    _, ids, kwargs, _ = list(model_batches())[2]
+    ids, kwargs, _ = model_batches(device)["packed"]
     targets = ids.roll(-1, 1)  # some cross a sequence end; both models train on the same ones
     targets[:, -1] = -100
     history = []
@@ -273,4 +275,4 @@ def test_model_training_steps_match_eager(tiny_models):
         with torch.no_grad():  # leave the shared fixture as it was
             for n, p in model.named_parameters():
                 p.copy_(start[n])
-    assert history[0] == pytest.approx(history[1], abs=1e-5), f"triton {history[0]} vs eager {history[1]}"
+    assert history[0] == pytest.approx(history[1], abs=MODEL_ATOL), f"triton {history[0]} vs eager {history[1]}"
