@@ -2,12 +2,14 @@
 
     pytest tests/test_kernel_conformance.py                                 # every op, every implementation
     pytest tests/test_kernel_conformance.py --kernel layer_norm=triton      # one implementation only
-    pytest -p my_kernels tests/test_kernel_conformance.py --kernel attention=mine   # your own kernel
+    TRITON_INTERPRET=1 pytest -p my_kernels tests/test_kernel_conformance.py --kernel attention=mine
 
 Your own kernel: a module on PYTHONPATH (`my_kernels` above) that calls `kernels.register(op, name, fn)`
 with fn taking the reference's signature (kernels/registry.py); `-p` imports it before the tests are
-collected, `--kernel` (repeatable) picks it. From Python: `conformance_failures(op, name)` returns the list
-of failed checks, empty when the implementation conforms.
+collected (and before conftest.py can choose Triton's interpreter, hence TRITON_INTERPRET=1 on a CPU),
+`--kernel` (repeatable) picks it. From Python: `conformance_failures(op, name)` returns the list of failed
+checks, empty when the implementation conforms. bench/kernels.py builds its inputs with the case builders
+here and times the peers in PEERS.
 
 Each case of an op (CASES) calls the implementation in the case's dtype and the reference
 (kernels.REFERENCE) on the same values in fp32, backpropagates the same random upstream gradient through
@@ -31,6 +33,7 @@ from typing import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -52,16 +55,18 @@ ALL_DTYPES = (FP32, FP16, BF16)
 
 @dataclass
 class Case:
-    """One call of an op: `build(dtype, generator)` -> (differentiable inputs by name, other keyword args)."""
+    """One call of an op: `build(dtype, generator, device)` -> (positional args, keyword args), each a dict by
+    parameter name; every floating-point tensor among them gets a gradient checked. The case builders below
+    are shared with bench/kernels.py, which calls them at benchmark sizes."""
     label: str
-    build: Callable[[torch.dtype, torch.Generator], tuple[dict, dict]]
+    build: Callable[[torch.dtype, torch.Generator, str], tuple[dict, dict]]
     dtypes: tuple = ALL_DTYPES
     random: bool = False     # dropout: the output is random, so check for an error or a visible effect
 
 
-def randn(*shape, dtype, gen, scale=1.0, shift=0.0):
+def randn(*shape, dtype, gen, device, scale=1.0, shift=0.0):
     # Drawn on the CPU from a seeded generator, so every device and dtype sees the same values.
-    return (torch.randn(*shape, generator=gen) * scale + shift).to(DEVICE, dtype)
+    return (torch.randn(*shape, generator=gen) * scale + shift).to(device, dtype)
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -69,25 +74,25 @@ def randn(*shape, dtype, gen, scale=1.0, shift=0.0):
 def attention_case(label, batch, heads, t_q, t_k, head_dim, dtypes=ALL_DTYPES, padded_keys=0, **kwargs):
     """Dense q (B, H, Tq, D), k and v (B, H, Tk, D). padded_keys > 0: a decode step's mask, (B, 1, Tq, Tk),
     True = may attend: bottom-right causal and not one of row 0's first `padded_keys` (left-padding) keys."""
-    def build(dtype, gen):
-        q = randn(batch, heads, t_q, head_dim, dtype=dtype, gen=gen)
-        k, v = (randn(batch, heads, t_k, head_dim, dtype=dtype, gen=gen) for _ in range(2))
+    def build(dtype, gen, device):
+        q = randn(batch, heads, t_q, head_dim, dtype=dtype, gen=gen, device=device)
+        k, v = (randn(batch, heads, t_k, head_dim, dtype=dtype, gen=gen, device=device) for _ in range(2))
         extra = dict(kwargs)
         if padded_keys:
             allowed = torch.ones(t_q, t_k, dtype=torch.bool).tril(t_k - t_q).repeat(batch, 1, 1, 1)
             allowed[0, :, :, :padded_keys] = False
-            extra.update(mask=allowed.to(DEVICE), causal=False)
+            extra.update(mask=allowed.to(device), causal=False)
         return {"q": q, "k": k, "v": v}, extra
     return Case(label, build, dtypes, random=kwargs.get("dropout_p", 0.0) > 0)
 
 
 def packed_attention_case(label, lengths, heads, head_dim, dtypes=ALL_DTYPES):
     """Sequences of `lengths` packed into (total, H, D) rows, bounds in cu_seqlens (N + 1,) int32."""
-    def build(dtype, gen):
+    def build(dtype, gen, device):
         total = sum(lengths)
-        q, k, v = (randn(total, heads, head_dim, dtype=dtype, gen=gen) for _ in range(3))
+        q, k, v = (randn(total, heads, head_dim, dtype=dtype, gen=gen, device=device) for _ in range(3))
         cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        return {"q": q, "k": k, "v": v}, dict(cu_seqlens=cu_seqlens.to(DEVICE), max_seqlen=max(lengths))
+        return {"q": q, "k": k, "v": v}, dict(cu_seqlens=cu_seqlens.to(device), max_seqlen=max(lengths))
     return Case(label, build, dtypes)
 
 
@@ -106,17 +111,14 @@ ATTENTION_CASES = [
 
 def layer_norm_case(label, shape, residual=True, affine=True, dtypes=ALL_DTYPES):
     """x (and residual) of `shape`, LayerNorm over the last dim; weight near 1 and bias near 0, not exactly."""
-    def build(dtype, gen):
+    def build(dtype, gen, device):
         width = shape[-1]
-        inputs = {"x": randn(*shape, dtype=dtype, gen=gen, scale=2.0, shift=0.5)}
-        if affine:
-            inputs["weight"] = randn(width, dtype=dtype, gen=gen, scale=0.1, shift=1.0)
-            inputs["bias"] = randn(width, dtype=dtype, gen=gen, scale=0.1)
-        extra = {} if affine else {"weight": None, "bias": None}
-        extra["eps"] = 1e-5
-        if residual:
-            extra["residual"] = randn(*shape, dtype=dtype, gen=gen)
-        return inputs, extra
+        args = {"x": randn(*shape, dtype=dtype, gen=gen, device=device, scale=2.0, shift=0.5),
+                "weight": randn(width, dtype=dtype, gen=gen, device=device, scale=0.1, shift=1.0) if affine else None,
+                "bias": randn(width, dtype=dtype, gen=gen, device=device, scale=0.1) if affine else None,
+                "eps": 1e-5}
+        kwargs = {"residual": randn(*shape, dtype=dtype, gen=gen, device=device)} if residual else {}
+        return args, kwargs
     return Case(label, build, dtypes)
 
 
@@ -135,13 +137,12 @@ def linear_cross_entropy_case(label, tokens, width, vocab, ignored=(), dtypes=AL
     """hidden (N, E), head weight (V, E), targets (N,) with the positions in `ignored` set to ignore_index."""
     ignore_index = kwargs.get("ignore_index", -100)
 
-    def build(dtype, gen):
-        hidden = randn(tokens, width, dtype=dtype, gen=gen)
-        weight = randn(vocab, width, dtype=dtype, gen=gen, scale=width ** -0.5)   # logits of unit scale
+    def build(dtype, gen, device):
+        hidden = randn(tokens, width, dtype=dtype, gen=gen, device=device)
+        weight = randn(vocab, width, dtype=dtype, gen=gen, device=device, scale=width ** -0.5)   # logits of unit scale
         targets = torch.randint(vocab, (tokens,), generator=gen)
         targets[list(ignored)] = ignore_index
-        # Targets and ignore_index go through the keyword arguments: they take no gradient.
-        return {"hidden": hidden, "weight": weight}, dict(targets=targets.to(DEVICE), **kwargs)
+        return {"hidden": hidden, "weight": weight, "targets": targets.to(device)}, kwargs
     return Case(label, build, dtypes)
 
 
@@ -156,6 +157,27 @@ LINEAR_CROSS_ENTROPY_CASES = [
 
 CASES = {"attention": ATTENTION_CASES, "layer_norm": LAYER_NORM_CASES,
          "linear_cross_entropy": LINEAR_CROSS_ENTROPY_CASES}
+
+
+# The peers bench/kernels.py times beside each implementation: what a model without our kernels runs.
+
+def sdpa_peer(q, k, v, causal=True, **_):
+    """Attention as torch's SDPA computes it, dense rows: (B, H, T, D) -> (B, H, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def add_then_layer_norm(x, weight, bias, eps, residual=None):
+    """The residual add and F.layer_norm as two ops, in x's dtype."""
+    h = x if residual is None else x + residual
+    return F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+
+
+def materialised_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="sum"):
+    """F.cross_entropy on the whole (N, V) logits, taken to fp32 as train.py's loss does."""
+    return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=ignore_index, reduction=reduction)
+
+
+PEERS = {"attention": sdpa_peer, "layer_norm": add_then_layer_norm, "linear_cross_entropy": materialised_cross_entropy}
 
 
 # --------------------------------------------------------------------------------------- the checks
@@ -175,10 +197,22 @@ def difference(name, actual, expected, atol, rtol) -> list[str]:
             f"mean diff {diff.mean().item():.3e} (atol {atol}, rtol {rtol})"]
 
 
-def run_with_gradients(fn, inputs: dict, extra: dict, grad_out_seed: int):
-    """fn(*inputs, **extra) and the gradients of `inputs` for a seeded random upstream gradient."""
-    leaves = {name: x.detach().clone().requires_grad_() for name, x in inputs.items()}
-    out = fn(*leaves.values(), **extra)
+def is_float_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def upcast(values: dict) -> dict:
+    """The same values with every floating-point tensor in fp32: what the reference is run on."""
+    return {name: x.float() if is_float_tensor(x) else x for name, x in values.items()}
+
+
+def run_with_gradients(fn, args: dict, kwargs: dict, grad_out_seed: int):
+    """fn(*args, **kwargs) and the gradient of each floating-point tensor among them, by name, for a seeded
+    random upstream gradient."""
+    leaves = {name: x.detach().clone().requires_grad_() for name, x in {**args, **kwargs}.items()
+              if is_float_tensor(x)}
+    out = fn(*(leaves.get(name, x) for name, x in args.items()), **{**kwargs, **{
+        name: leaves[name] for name in kwargs if name in leaves}})
     gen = torch.Generator().manual_seed(grad_out_seed)
     out.backward(torch.randn(out.shape, generator=gen).to(out.device, out.dtype))
     return out, {name: x.grad for name, x in leaves.items()}
@@ -187,15 +221,15 @@ def run_with_gradients(fn, inputs: dict, extra: dict, grad_out_seed: int):
 def check_case(op: str, name: str, case: Case, dtype: torch.dtype) -> list[str]:
     """Failed checks of implementation `name` of `op` on one case in one dtype; [] when it conforms."""
     fn, reference = kernels.get(op, name), kernels.get(op, kernels.REFERENCE[op])
-    inputs, extra = case.build(dtype, torch.Generator().manual_seed(0))
+    args, kwargs = case.build(dtype, torch.Generator().manual_seed(0), DEVICE)
     where = f"{op}={name} [{case.label}, {str(dtype).replace('torch.', '')}, {DEVICE}]"
     if case.random:
-        return [f"{where} {m}" for m in check_random(fn, inputs, extra)]
+        return [f"{where} {m}" for m in check_random(fn, args, kwargs)]
     try:
-        out, grads = run_with_gradients(fn, inputs, extra, grad_out_seed=1)
+        out, grads = run_with_gradients(fn, args, kwargs, grad_out_seed=1)
     except Exception as error:  # noqa: BLE001 -- reported as a failure, so a user's report lists every case
         return [f"{where} raised {error!r}"]
-    ref_out, ref_grads = run_with_gradients(reference, {k: x.float() for k, x in inputs.items()}, extra, 1)
+    ref_out, ref_grads = run_with_gradients(reference, upcast(args), upcast(kwargs), grad_out_seed=1)
     atol, rtol = TOLERANCES[DEVICE][dtype]
     failures = difference("output", out, ref_out, atol, rtol)
     if out.is_floating_point() and ref_out.dtype == FP32 and out.dtype not in (dtype, FP32):
@@ -205,17 +239,17 @@ def check_case(op: str, name: str, case: Case, dtype: torch.dtype) -> list[str]:
     return [f"{where} {m}" for m in failures]
 
 
-def check_random(fn, inputs: dict, extra: dict) -> list[str]:
+def check_random(fn, args: dict, kwargs: dict) -> list[str]:
     """dropout_p > 0: a clear error naming dropout, or a finite output that differs from dropout_p=0's."""
     try:
-        out = fn(*inputs.values(), **extra)
+        out = fn(*args.values(), **kwargs)
     except Exception as error:  # noqa: BLE001 -- any error type is fine if it says what it cannot do
         return [] if "dropout" in str(error).lower() else [f"raised an error that does not name dropout: {error!r}"]
-    without = fn(*inputs.values(), **{**extra, "dropout_p": 0.0})
+    without = fn(*args.values(), **{**kwargs, "dropout_p": 0.0})
     if out.shape != without.shape or not torch.isfinite(out).all():
         return [f"with dropout: output of shape {tuple(out.shape)} (expected {tuple(without.shape)}) or not finite"]
     if torch.equal(out, without):
-        return [f"dropout_p={extra['dropout_p']} had no effect and raised no error"]
+        return [f"dropout_p={kwargs['dropout_p']} had no effect and raised no error"]
     return []
 
 
@@ -283,6 +317,13 @@ def frozen_weight(x, weight, bias, eps, residual=None):
     return user_layer_norm(x, weight.detach(), bias, eps, residual)
 
 
+def wrong_residual_gradient(x, weight, bias, eps, residual=None):
+    """Right forward, but the residual's gradient is twice what it should be."""
+    if residual is not None:
+        residual = residual + (residual - residual.detach())   # value unchanged, gradient doubled
+    return user_layer_norm(x, weight, bias, eps, residual)
+
+
 @pytest.fixture
 def registered(monkeypatch):
     """kernels.register for one test; the registry's table is put back afterwards, so later tests in the
@@ -292,12 +333,20 @@ def registered(monkeypatch):
     return kernels.register
 
 
+@pytest.mark.parametrize("op", list(PEERS))
+def test_the_benchmark_peers_conform(registered, op):
+    registered(op, "peer", PEERS[op])
+    case = CASES[op][0]
+    assert check_case(op, "peer", case, FP32) == []
+
+
 def test_a_users_implementation_conforms(registered):
     registered("layer_norm", "user_example", user_layer_norm)
     assert conformance_failures("layer_norm", "user_example") == []
 
 
-@pytest.mark.parametrize("broken,symptom", [(forgets_residual, "output: "), (frozen_weight, "grad weight: no gradient")])
+@pytest.mark.parametrize("broken,symptom", [(forgets_residual, "output: "), (frozen_weight, "grad weight: no gradient"),
+                                            (wrong_residual_gradient, "grad residual: ")])
 def test_a_wrong_implementation_fails(registered, broken, symptom):
     registered("layer_norm", "broken", broken)
     failures = conformance_failures("layer_norm", "broken")
