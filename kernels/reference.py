@@ -1,13 +1,19 @@
-"""Plain-torch attention, the ground truth for kernels/flash_attention.py and its fallback.
+"""Plain-torch references of the kernels' ops: the ground truth every implementation is tested against.
 
     O = softmax(sm_scale * Q K^T + mask) V,   computed in fp32 and returned in the input dtype.
 
 attention_reference works on (B, H, T, D); attention_varlen_reference on packed (total_tokens, H, D)
 with cu_seqlens, one sequence at a time, so attention never crosses a boundary. Same signatures as
 flash_attention / flash_attention_varlen. Memory is O(T^2): meant for tests and small inputs.
+(The registry's "attention" op, with masks, dropout and decode steps, is kernels/attention.py.)
+
+layer_norm_reference and linear_cross_entropy_reference are the registry's "torch" implementations of
+"layer_norm" and "linear_cross_entropy" (kernels/registry.py), with the signatures every other
+implementation of those ops takes.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_reference(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
@@ -48,3 +54,30 @@ def outputs_and_gradients(kernel_fn, reference_fn, inputs) -> dict:
     ref = reference_fn(q32, k32, v32)
     ref.backward(grad_out.float())
     return {"out": (out, ref), "dq": (q.grad, q32.grad), "dk": (k.grad, k32.grad), "dv": (v.grad, v32.grad)}
+
+
+def layer_norm_reference(x, weight, bias, eps: float, residual=None) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dim: x, residual (..., N); weight, bias (N,) or None.
+
+    Statistics in fp32; the output has the dtype of x + residual (x's own when they agree). The add is
+    x + residual in that order, so a post-LN block `norm(x + h)` gives the same bits as before the op.
+    """
+    s = x if residual is None else x + residual
+    n = s.shape[-1:]
+    y = F.layer_norm(s.float(), n, None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    return y.to(s.dtype)
+
+
+def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = -100,
+                                   reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of the logits hidden @ weight.T against targets: hidden (N, E), weight (V, E), targets (N,).
+
+    The logits (N, V) are materialised and taken to fp32 for the softmax (the matmul runs in the inputs'
+    dtype, or autocast's); reduction "sum", "mean" (over the targets that are not ignore_index) or
+    "none" (N,). Gradients flow to hidden and weight.
+    """
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction={reduction!r}, expected 'sum', 'mean' or 'none'")
+    logits = hidden @ weight.T                                    # (N, V)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
