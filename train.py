@@ -284,8 +284,10 @@ def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> li
          {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr}],
         lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)]
     if muon:
-        optimizers.append(Muon([{"params": muon, "peak_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                               weight_decay=cfg.weight_decay))
+        qkv = {id(layer.attn.qkv.weight) for layer in model.layers}   # fused q/k/v: three matrices to Muon
+        optimizers.append(Muon([{"params": [p for p in muon if id(p) not in qkv], "peak_lr": cfg.muon_lr},
+                                {"params": [p for p in muon if id(p) in qkv], "peak_lr": cfg.muon_lr, "blocks": 3}],
+                               lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
     return optimizers
 
 

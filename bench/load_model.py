@@ -21,14 +21,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slm  # noqa: E402
-from slm.weights import hf_key  # noqa: E402
+from slm.weights import to_hf  # noqa: E402
 
 
 def write_checkpoint(directory: Path) -> None:
     config = slm.OPTConfig.preset("opt-350m")
     model = slm.OPT(config)
     model.init_weights(seed=0)
-    state = {hf_key(k).removeprefix("model."): v.half().contiguous() for k, v in model.state_dict().items()}
+    state = {k.removeprefix("model."): v.half().contiguous() for k, v in to_hf(model.state_dict()).items()}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))

@@ -2,6 +2,7 @@
 
     import slm
     model = slm.load_model("facebook/opt-350m", dtype=torch.bfloat16, device="cuda", attn="triton")
+    model = slm.OPT(config, kernels={"attention": "triton"}, activation_checkpointing=True)  # kernels: see kernels/
     tok = slm.load_tokenizer("path/to/opt-350m")
     new_tokens = slm.generate(model, [tok.encode("Hello")], max_new_tokens=20)
 """

@@ -9,8 +9,14 @@ Hugging Face's `OPTForCausalLM` computes.
 The OPT quirks (see docs/OPT.md): learned positions offset by 2 and computed from the attention mask
 (so left padding gives the first real token position 0); queries scaled after their bias; post-LN for
 opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m; the LM head tied
-to the token embedding. Attention is one of three interchangeable implementations, chosen by `attn`:
-"eager" (plain torch, the reference), "sdpa" (torch's fused kernels) and "triton" (ours, `kernels/`).
+to the token embedding. Attention and LayerNorm run through the kernel registry (`kernels/`), chosen by
+name per op, so a kernel is swapped without editing this file:
+
+    model = OPT(config, kernels={"attention": "triton", "layer_norm": "triton"})   # attn="triton" also works
+
+Attention is called in one of three forms (kernels/attention.py): packed training rows as (B*T, H, D)
+with cu_seqlens; unpadded rows dense and causal; padded prefill and decode steps dense with a mask.
+`activation_checkpointing=True` recomputes each decoder layer in backward instead of saving its activations.
 
 Module names are ours; `slm/weights.py` maps them to Hugging Face's key names in both directions.
 """
@@ -21,10 +27,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels import registry
 
 from .config import OPTConfig
 
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "triton")
+# Each op's implementation unless `kernels=` names another ("attention" defaults to `attn`).
+DEFAULT_KERNELS = {"attention": "sdpa", "layer_norm": "torch", "linear_cross_entropy": "torch"}
+ATTENTION_IMPLEMENTATIONS = tuple(registry.available()["attention"])   # the shipped ones: flags' choices
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
 
 
@@ -63,7 +74,8 @@ def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = 
     layer, c = model.layers[0], model.config
     if not offsets or len(offsets) > c.num_attention_heads or min(offsets) < 1:
         raise ValueError(f"offset_heads {tuple(offsets)}: expected 1 to {c.num_attention_heads} offsets >= 1")
-    heads, rows = len(offsets), slice(0, len(offsets) * c.head_dim)   # rows: those heads' q/k outputs
+    heads, width, d = len(offsets), len(offsets) * c.head_dim, c.hidden_size
+    rows = (slice(0, width), slice(d, d + width))   # those heads' q and k rows of the fused qkv projection
     window = min(window, c.max_position_embeddings)
     t = torch.arange(window)
     allowed = t[None, :] <= t[:, None]                                # causal (T, T)
@@ -81,9 +93,9 @@ def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = 
     # Fit in units where the input has RMS 1 (a post-LN layer 0 sees the raw, small embeddings), so one
     # learning rate serves both layouts; the scale goes back into the weights at the end.
     scale = layer_input().pow(2).mean().sqrt()
-    projections = (layer.attn.q, layer.attn.k)
-    wq, wk = ((lin.weight[rows] * scale).detach().requires_grad_(True) for lin in projections)
-    bq, bk = (lin.bias[rows].detach() if lin.bias is not None else 0.0 for lin in projections)
+    qkv = layer.attn.qkv
+    wq, wk = ((qkv.weight[r] * scale).detach().requires_grad_(True) for r in rows)
+    bq, bk = (qkv.bias[r].detach() if qkv.bias is not None else 0.0 for r in rows)
     optimizer = torch.optim.Adam([wq, wk], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
@@ -96,8 +108,8 @@ def fit_offset_heads(model: "OPT", offsets, generator: torch.Generator | None = 
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        layer.attn.q.weight[rows] = wq / scale
-        layer.attn.k.weight[rows] = wk / scale
+        qkv.weight[rows[0]] = wq / scale
+        qkv.weight[rows[1]] = wk / scale
 
 
 # ---------------------------------------------------------------------------------------- KV cache
@@ -128,19 +140,15 @@ class KVCache:
 
 @dataclass
 class AttentionLayout:
-    """How the tokens of one forward may attend, computed once and shared by every layer.
+    """How the tokens of one forward may attend, computed once and shared by every layer: the attention
+    op's keyword arguments (kernels/attention.py) besides q, k, v.
 
-    Exactly one description applies: `causal_only` (every row is one whole sequence), `varlen`
-    (sequences given by `cu_seqlens` over the real tokens `token_index` of the flattened batch, as the
-    Triton kernel wants them), `segments` (packed rows as their sequences' lengths, for sdpa on CPU)
-    or `allowed` (a boolean (B, 1, T_q, T_k) mask, what eager and sdpa use).
+    Packed rows: `cu_seqlens` over the flattened B*T tokens and `max_seqlen`. Otherwise `mask`, a boolean
+    (B, 1, T, past+T), or None when every row is one whole sequence (plain causal attention).
     """
-    causal_only: bool = False
-    allowed: torch.Tensor | None = None
-    segments: list[list[int]] | None = None   # per row, the lengths of its packed sequences
+    mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int = 0
-    token_index: torch.Tensor | None = None  # flat indices of real tokens; None when all are real
+    max_seqlen: int | None = None
 
 
 def _padded_allowed(attention_mask: torch.Tensor, past: int, t_new: int) -> torch.Tensor:
@@ -158,43 +166,18 @@ def _padded_allowed(attention_mask: torch.Tensor, past: int, t_new: int) -> torc
     return causal & (key_real | (k_pos == q_pos))             # (B, 1, T, S)
 
 
-def _packed_allowed(segment: torch.Tensor) -> torch.Tensor:
-    """Causal AND same-sequence for packed rows; segment (B, T) holds each token's sequence number."""
-    t = segment.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment.device).tril()
-    same = segment[:, :, None] == segment[:, None, :]          # (B, T, T)
-    return (causal & same)[:, None]                            # (B, 1, T, T)
-
-
-def _row_lengths(cu_seqlens: torch.Tensor, batch: int, t: int) -> list[list[int]]:
-    """The lengths of the packed sequences in each row of a (B, t) batch, checked to tile every row."""
-    cu = cu_seqlens.tolist()
-    rows = [[] for _ in range(batch)]
-    for start, end in zip(cu[:-1], cu[1:]):
-        row = start // t
-        if end <= start or end > (row + 1) * t:
-            rows = None
-            break
-        rows[row].append(end - start)
-    if rows is None or cu[0] != 0 or cu[-1] != batch * t:
-        raise ValueError(f"cu_seqlens {cu} must rise from 0 to {batch * t} (batch {batch} x {t} tokens) "
-                         "without a sequence crossing a row")
-    return rows
-
-
-def _segments(cu_seqlens: torch.Tensor, batch: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence number and position within its sequence of every token of a packed (B, T) batch."""
-    flat = torch.arange(batch * t, device=cu_seqlens.device)
+def _packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each token's position within its packed sequence, (total,), for cu_seqlens over `total` tokens."""
+    flat = torch.arange(total, device=cu_seqlens.device)
     cu = cu_seqlens.to(torch.long)
-    segment = torch.searchsorted(cu[1:], flat, right=True)    # (B*T,) index of each token's sequence
-    position = flat - cu[segment]
-    return segment.view(batch, t), position.view(batch, t)
+    sequence = torch.searchsorted(cu[1:], flat, right=True)   # (total,) index of each token's sequence
+    return flat - cu[sequence]
 
 
 # ------------------------------------------------------------------------------------ the blocks
 
 class Attention(nn.Module):
-    """Multi-head self-attention; the kernel that mixes q, k, v is picked by `attn` at call time."""
+    """Multi-head self-attention: one fused q/k/v projection, the attention op, the output projection."""
 
     def __init__(self, config: OPTConfig):
         super().__init__()
@@ -202,81 +185,34 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.scale = self.head_dim ** -0.5
         self.dropout = config.attention_dropout
-        self.q = nn.Linear(d, d, bias=bias)
-        self.k = nn.Linear(d, d, bias=bias)
-        self.v = nn.Linear(d, d, bias=bias)
+        # Rows [0, d) are q, [d, 2d) k, [2d, 3d) v: one GEMM that reads (and saves for backward) x once.
+        self.qkv = nn.Linear(d, 3 * d, bias=bias)
         self.o = nn.Linear(d, d, bias=bias)
 
-    def forward(self, x, layout: AttentionLayout, attn: str, cache: KVCache | None, layer: int):
+    def forward(self, x, layout: AttentionLayout, attention, cache: KVCache | None, layer: int):
         B, T, d = x.shape
+        H, D = self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)      # (B, T, H, D) views each
         # OPT scales q after its bias (HF does the same); equal to scaling the scores, kept for parity.
-        q = self.q(x) * self.scale
-        k, v = self.k(x), self.v(x)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if cache is not None:
-            k_all, v_all = cache.write(layer, k, v)            # (B, H, past+T, D)
-            if cache.length > 0:
-                k, v = k_all, v_all                           # decoding: attend to the cache too
+        q = q * self.scale
         dropout = self.dropout if self.training else 0.0
-
-        if attn == "triton" and layout.allowed is None:
-            y = _triton_attention(q, k, v, layout)
-        elif layout.segments is not None:
-            y = _segmented_attention(q, k, v, layout.segments, dropout)
-        elif attn == "eager":
-            y = _eager_attention(q, k, v, layout, dropout)
-        else:  # sdpa, and triton's decode steps (a masked query against the cache: sdpa serves it)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=layout.allowed, dropout_p=dropout,
-                is_causal=layout.causal_only, scale=1.0,   # q is already scaled
-            )
-        y = y.transpose(1, 2).reshape(B, T, d)                 # (B, T, H*D)
-        return self.o(y)
+        if layout.cu_seqlens is not None:                         # packed rows: (B*T, H, D), no copies
+            y = attention(q.view(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D), scale=1.0,
+                          cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=dropout)
+            return self.o(y.view(B, T, d))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # (B, H, T, D)
+        if cache is not None:
+            k_all, v_all = cache.write(layer, k, v)               # (B, H, past+T, D)
+            if cache.length > 0:
+                k, v = k_all, v_all                               # decoding: attend to the cache too
+        y = attention(q, k, v, causal=layout.mask is None, scale=1.0, mask=layout.mask,
+                      dropout_p=dropout)                          # (B, H, T, D); q is already scaled
+        return self.o(y.transpose(1, 2).reshape(B, T, d))         # (B, T, H*D)
 
 
-def _eager_attention(q, k, v, layout: AttentionLayout, dropout: float):
-    """softmax(q kᵀ + mask) v in plain torch, softmax in fp32 as Hugging Face's eager path does."""
-    scores = q @ k.transpose(-1, -2)                           # (B, H, T_q, T_k)
-    allowed = layout.allowed
-    if allowed is None:                                        # causal_only
-        t_q, t_k = scores.shape[-2:]
-        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return probs @ v
-
-
-def _segmented_attention(q, k, v, row_lengths: list[list[int]], dropout: float):
-    """Packed rows as one causal sdpa call per sequence: what sdpa does with packed rows on CPU.
-
-    Why: torch's CPU SDPA has a fast kernel for plain causal attention but not for a mask, and the
-    work shrinks from T^2 per row to the sum of the squared sequence lengths (BENCHMARKS.md). Split,
-    not sliced, so that the backward pass concatenates the gradients instead of zero-filling a
-    full-size tensor per sequence; 4-D pieces, as 3-D ones take sdpa's slow path.
-    """
-    rows = []
-    for qr, kr, vr, lengths in zip(q.split(1), k.split(1), v.split(1), row_lengths):
-        pieces = zip(qr.split(lengths, dim=2), kr.split(lengths, dim=2), vr.split(lengths, dim=2))
-        rows.append(torch.cat([F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True,
-                                                              scale=1.0) for qs, ks, vs in pieces], dim=2))
-    return torch.cat(rows)
-
-
-def _triton_attention(q, k, v, layout: AttentionLayout):
-    """Our fused kernel: dense when every row is one sequence, else varlen over the real tokens."""
-    from kernels import flash_attention, flash_attention_varlen  # optional dependency: import on use
-
-    if layout.causal_only:
-        return flash_attention(q, k, v, causal=True, sm_scale=1.0)
-    B, H, T, D = q.shape
-    flat = [t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v)]  # (B*T, H, D)
-    if layout.token_index is not None:
-        flat = [t[layout.token_index] for t in flat]                    # (real tokens, H, D)
-    y = flash_attention_varlen(*flat, layout.cu_seqlens, layout.max_seqlen, causal=True, sm_scale=1.0)
-    if layout.token_index is not None:                                  # pads get zeros
-        y = torch.zeros(B * T, H, D, dtype=y.dtype, device=y.device).index_copy(0, layout.token_index, y)
-    return y.view(B, T, H, D).transpose(1, 2)
+def _norm(layer_norm, norm: nn.LayerNorm, x, residual=None):
+    """The layer_norm op with an nn.LayerNorm's parameters: LayerNorm(x + residual)."""
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -293,29 +229,39 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
         self.ffn_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
-    def forward(self, x, layout, attn, cache, layer):
-        h = self.attn_norm(x) if self.pre_ln else x
-        h = self.attn(h, layout, attn, cache, layer)
-        x = x + F.dropout(h, self.dropout, self.training)
-        if not self.pre_ln:
-            x = self.attn_norm(x)
-        h = self.ffn_norm(x) if self.pre_ln else x
-        h = self.fc2(F.relu(self.fc1(h)))
-        x = x + F.dropout(h, self.dropout, self.training)
-        if not self.pre_ln:
-            x = self.ffn_norm(x)
-        return x
+    def forward(self, x, layout, ops, cache, layer):
+        """ops: {"attention": fn, "layer_norm": fn} from the registry (OPT.forward resolves them)."""
+        attention, layer_norm = ops["attention"], ops["layer_norm"]
+        if self.pre_ln:
+            h = self.attn(_norm(layer_norm, self.attn_norm, x), layout, attention, cache, layer)
+            x = x + F.dropout(h, self.dropout, self.training)
+            h = self.fc2(F.relu(self.fc1(_norm(layer_norm, self.ffn_norm, x))))
+            return x + F.dropout(h, self.dropout, self.training)
+        # Post-LN: norm(x + sublayer(x)), the residual add fused into the norm op.
+        h = self.attn(x, layout, attention, cache, layer)
+        x = _norm(layer_norm, self.attn_norm, x, F.dropout(h, self.dropout, self.training))
+        h = self.fc2(F.relu(self.fc1(x)))
+        return _norm(layer_norm, self.ffn_norm, x, F.dropout(h, self.dropout, self.training))
 
 
 # ------------------------------------------------------------------------------------- the model
 
 class OPT(nn.Module):
-    """OPT with its tied language-model head."""
+    """OPT with its tied language-model head.
 
-    def __init__(self, config: OPTConfig, attn: str = "sdpa"):
+    kernels: {op: name} from the registry (`kernels.available()`); unset ops take DEFAULT_KERNELS, with
+    `attn` as the attention entry. activation_checkpointing: keep only each decoder layer's input for
+    backward and recompute the layer there (dropout included), trading a forward's compute for memory.
+    """
+
+    def __init__(self, config: OPTConfig, attn: str = "sdpa", kernels: dict[str, str] | None = None,
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.config = config
-        self.set_attn(attn)
+        self.kernels = {**DEFAULT_KERNELS, "attention": attn, **(kernels or {})}
+        for op, name in self.kernels.items():
+            registry.get(op, name)        # an unknown op or name fails here, listing what exists
+        self.activation_checkpointing = activation_checkpointing
         e, d = config.word_embed_proj_dim, config.hidden_size
         self.tok_embed = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
         self.pos_embed = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
@@ -325,10 +271,16 @@ class OPT(nn.Module):
                            if config.has_final_layer_norm else None)
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
 
+    def kernel(self, op: str):
+        """The function this model runs for `op` (looked up now, so a re-registered name takes effect)."""
+        if op not in self.kernels:
+            raise ValueError(f"OPT.kernel: unknown op {op!r}; this model's kernels are {self.kernels}")
+        return registry.get(op, self.kernels[op])
+
     def set_attn(self, attn: str) -> None:
-        if attn not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attn={attn!r}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        self.attn = attn
+        """Switch the attention implementation (a registered name) of a built model."""
+        registry.get("attention", attn)
+        self.kernels["attention"] = attn
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -384,13 +336,9 @@ class OPT(nn.Module):
         if cu_seqlens is not None:
             if attention_mask is not None or cache is not None:
                 raise ValueError("packed sequences (cu_seqlens) take no attention_mask and no cache")
-            segment, positions = _segments(cu_seqlens, B, T)
-            layout = AttentionLayout(cu_seqlens=cu_seqlens.to(torch.int32),
-                                     max_seqlen=max_seqlen or T)
-            if self.attn == "sdpa" and input_ids.device.type == "cpu":
-                layout.segments = _row_lengths(cu_seqlens, B, T)   # host ints, free on CPU
-            elif self.attn != "triton":
-                layout.allowed = _packed_allowed(segment)
+            cu_seqlens = cu_seqlens.to(torch.int32)
+            positions = _packed_positions(cu_seqlens, B * T).view(B, T)
+            layout = AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen or T)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
@@ -400,17 +348,26 @@ class OPT(nn.Module):
             # OPT's positions: count real tokens so far, so pads never shift a sequence (pads get -1).
             mask = attention_mask.long()
             positions = (torch.cumsum(mask, dim=1) * mask - 1)[:, past:]
-            layout = self._padded_layout(mask, past, T)
+            # Unpadded prefill is plain causal (decode steps skip the check: no host sync); else a mask.
+            unpadded = past == 0 and bool(mask.all())
+            layout = AttentionLayout(mask=None if unpadded else _padded_allowed(mask, past, T))
         if position_ids is not None:
             positions = position_ids
 
+        ops = {op: self.kernel(op) for op in ("attention", "layer_norm")}
         x = self.embed(input_ids, positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, layout, self.attn, cache, i)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Saves only x; backward reruns the layer (torch's non-reentrant mode, which stops the
+                # rerun as soon as the tensors it needs exist) with the RNG state of the first run, so
+                # the dropout masks, and with them the gradients, are the same.
+                x = checkpoint(layer, x, layout, ops, cache, i, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = layer(x, layout, ops, cache, i)
         if cache is not None:
             cache.length += T
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = _norm(ops["layer_norm"], self.final_norm, x)
         if self.project_out is not None:
             x = self.project_out(x)                                      # (B, T, e)
         if return_hidden:
@@ -423,17 +380,6 @@ class OPT(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)                                       # (B, T, d)
         return x + self.pos_embed(positions + POSITION_OFFSET)
-
-    def _padded_layout(self, mask: torch.Tensor, past: int, t: int) -> AttentionLayout:
-        if past == 0 and bool(mask.all()):  # decode steps skip the check: no host sync
-            return AttentionLayout(causal_only=True)
-        if self.attn == "triton" and past == 0:
-            # Our kernel has no mask argument: hand it the real tokens as variable-length sequences.
-            lengths = mask.sum(dim=1, dtype=torch.int32)
-            cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-            token_index = mask.flatten().nonzero().squeeze(1)
-            return AttentionLayout(cu_seqlens=cu, max_seqlen=int(lengths.max()), token_index=token_index)
-        return AttentionLayout(allowed=_padded_allowed(mask, past, t))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

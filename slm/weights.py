@@ -8,8 +8,9 @@ A checkpoint directory holds `config.json` and the weights as `model.safetensors
 beside it, read with `weights_only=True`). Keys may start `decoder.` (the opt-350m hub file, fp16,
 without `lm_head.weight`) or `model.decoder.`; the head is tied to the token embedding.
 
-Every name goes through one table, `hf_key`, in both directions. The model is built on the meta device
-and the checkpoint's tensors are assigned to it, so weights are never allocated twice; all checks run
+Every name goes through one table, `hf_keys`, in both directions; our fused q/k/v projection is Hugging
+Face's q_proj, k_proj and v_proj, concatenated by rows on load and split on save (`to_hf`, `from_hf`).
+The model is built on the meta device and the checkpoint's tensors are assigned to it; all checks run
 before the model is touched, so a bad checkpoint never yields a half-loaded model.
 """
 
@@ -29,9 +30,10 @@ SAFETENSORS, INDEX, PYTORCH_BIN, CONFIG = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "config.json")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
-# Our module name -> Hugging Face's, inside a decoder layer and at the decoder's top level.
+# Our module name -> Hugging Face's, inside a decoder layer and at the decoder's top level. A tuple: our
+# module fuses those, stacked by rows in that order (its weight (3d, d) is q_proj's, k_proj's, v_proj's).
 LAYER_KEYS = {
-    "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+    "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attn.o": "self_attn.out_proj", "attn_norm": "self_attn_layer_norm",
     "fc1": "fc1", "fc2": "fc2", "ffn_norm": "final_layer_norm",
 }
@@ -41,13 +43,30 @@ TOP_KEYS = {
 }
 
 
-def hf_key(name: str) -> str:
-    """Our parameter name -> its `model.decoder.*` name in a Hugging Face OPTForCausalLM."""
+def hf_keys(name: str) -> tuple[str, ...]:
+    """Our parameter name -> its `model.decoder.*` name(s) in a Hugging Face OPTForCausalLM: several for
+    a fused parameter, in the order of its row blocks."""
     module, param = name.rsplit(".", 1)
     if module.startswith("layers."):
         _, index, inner = module.split(".", 2)
-        return f"model.decoder.layers.{index}.{LAYER_KEYS[inner]}.{param}"
-    return f"model.decoder.{TOP_KEYS[module]}.{param}"
+        hf = LAYER_KEYS[inner]
+        return tuple(f"model.decoder.layers.{index}.{m}.{param}" for m in ((hf,) if isinstance(hf, str) else hf))
+    return (f"model.decoder.{TOP_KEYS[module]}.{param}",)
+
+
+def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (or gradients by name) -> Hugging Face's keys, fused parameters split into views."""
+    out = {}
+    for name, t in state.items():
+        keys = hf_keys(name)
+        out.update(zip(keys, t.chunk(len(keys))))
+    return out
+
+
+def from_hf(tensors: dict[str, torch.Tensor], names) -> dict[str, torch.Tensor]:
+    """Hugging Face's tensors -> ours for the parameter `names`, fused ones concatenated by rows."""
+    return {name: tensors[keys[0]] if len(keys := hf_keys(name)) == 1 else torch.cat([tensors[k] for k in keys])
+            for name in names}
 
 
 class CheckpointError(ValueError):
@@ -168,14 +187,13 @@ def load_model(path, dtype=torch.float32, device="cpu", attn: str = "sdpa") -> O
 
     with torch.device("meta"):
         model = OPT(config, attn=attn)
-    table = {hf_key(name): name for name in model.state_dict()}
     head = tensors.pop("lm_head.weight", None)
-    _check_keys({k: model.state_dict()[v].shape for k, v in table.items()}, tensors, str(directory))
+    _check_keys({key: t.shape for key, t in to_hf(model.state_dict()).items()}, tensors, str(directory))
     embed = tensors["model.decoder.embed_tokens.weight"]
     if head is not None and not torch.equal(head, embed):
         raise CheckpointError(f"{directory}: lm_head.weight differs from embed_tokens.weight, but OPT "
                               "ties them; this checkpoint is not an OPT model slm can represent")
-    model.load_state_dict({table[k]: t for k, t in tensors.items()}, strict=True, assign=True)
+    model.load_state_dict(from_hf(tensors, model.state_dict()), strict=True, assign=True)
     return model.eval()
 
 
@@ -196,7 +214,7 @@ def save_model(model: OPT, out_dir, tokenizer=None) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    state = {key: t.detach().to("cpu").contiguous() for key, t in to_hf(model.state_dict()).items()}
     _atomic_save(state, out_dir / SAFETENSORS)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.tok_embed.weight.dtype).removeprefix("torch.")

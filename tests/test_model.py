@@ -1,4 +1,5 @@
-"""The model against transformers' OPTForCausalLM: logits, loss and gradients, every config and padding."""
+"""The model against transformers' OPTForCausalLM: logits, loss and gradients, every config and padding;
+its kernels chosen by name from the registry, and activation checkpointing."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import slm
 from checkpoints import OPT_350M, TINY_CONFIGS, make_checkpoint
 
@@ -63,7 +65,7 @@ def test_gradients_match_transformers(tiny):
     hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     out = model(ids, mask)
     F.cross_entropy(out[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
-    ours = {slm.weights.hf_key(n): p.grad for n, p in model.named_parameters()}
+    ours = slm.weights.to_hf({n: p.grad for n, p in model.named_parameters()})
     for name, p in hf.named_parameters():
         if name == "lm_head.weight":  # tied: its gradient is accumulated into embed_tokens
             continue
@@ -148,11 +150,16 @@ def test_packed_sdpa_gradients_equal_eager(tiny):
         torch.testing.assert_close(grad, grads["eager"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packed_sequences_must_tile_the_rows(tiny):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_sequences_run_over_the_flattened_rows(tiny, attn):
+    """cu_seqlens counts the B*T tokens as one stream, so a sequence may continue into the next row."""
     _, path = tiny
-    model = slm.load_model(path)
-    with pytest.raises(ValueError, match="without a sequence crossing a row"):
-        model(torch.randint(3, 90, (2, 10)), cu_seqlens=torch.tensor([0, 4, 12, 20], dtype=torch.int32))
+    model = slm.load_model(path, attn=attn)
+    ids = torch.randint(3, 90, (2, 10))
+    cu = torch.tensor([0, 4, 12, 20], dtype=torch.int32)   # tokens 4..11 cross from row 0 into row 1
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu, max_seqlen=8).flatten(0, 1)
+        torch.testing.assert_close(packed[4:12], model(ids.flatten()[None, 4:12])[0], atol=1e-5, rtol=0)
 
 
 def test_explicit_positions_override_the_mask(tiny):
@@ -176,9 +183,96 @@ def test_dropout_only_in_training(tiny):
         assert not torch.equal(model(ids), model(ids))
 
 
-def test_unknown_attention_is_an_error():
-    with pytest.raises(ValueError, match="attn='flash'"):
-        slm.OPT(slm.OPTConfig(**{k: v for k, v in TINY_CONFIGS["pre_ln"].items()}), attn="flash")
+def test_unknown_kernels_are_the_registrys_error():
+    config = slm.OPTConfig(**TINY_CONFIGS["pre_ln"])
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'.*attention: eager, sdpa"):
+        slm.OPT(config, attn="flash")
+    with pytest.raises(ValueError, match="unknown layer_norm implementation 'apex'"):
+        slm.OPT(config, kernels={"layer_norm": "apex"})
+    with pytest.raises(ValueError, match="unknown op 'rms_norm'"):
+        slm.OPT(config, kernels={"rms_norm": "torch"})
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        slm.OPT(config).set_attn("flash")
+
+
+def test_kernels_resolve_defaults_attn_and_overrides():
+    config = slm.OPTConfig(**TINY_CONFIGS["pre_ln"])
+    assert slm.OPT(config).kernels == {"attention": "sdpa", "layer_norm": "torch", "linear_cross_entropy": "torch"}
+    model = slm.OPT(config, attn="eager")
+    assert model.kernels["attention"] == "eager" and model.kernel("attention") is kernels.get("attention", "eager")
+    model = slm.OPT(config, attn="eager", kernels={"attention": "triton"})   # kernels= names win over attn=
+    assert model.kernels["attention"] == "triton"
+    model.set_attn("sdpa")
+    assert model.kernel("attention") is kernels.get("attention", "sdpa")
+
+
+@pytest.fixture
+def counting_kernels():
+    """A user's attention and layer_norm, registered as "counted": the references, counting their calls."""
+    calls = {"attention": [], "layer_norm": 0}
+
+    def attention(q, k, v, **kwargs):
+        calls["attention"].append("packed" if kwargs.get("cu_seqlens") is not None
+                                  else "masked" if kwargs.get("mask") is not None else "causal")
+        return kernels.get("attention", "eager")(q, k, v, **kwargs)
+
+    def layer_norm(x, weight, bias, eps, residual=None):
+        calls["layer_norm"] += 1
+        return kernels.get("layer_norm", "torch")(x, weight, bias, eps, residual)
+
+    saved = kernels.available()
+    kernels.register("attention", "counted", attention)
+    kernels.register("layer_norm", "counted", layer_norm)
+    yield calls
+    for op in ("attention", "layer_norm"):                  # leave the shipped table as it was
+        kernels.registry._TABLE[op] = {n: f for n, f in kernels.registry._TABLE[op].items() if n in saved[op]}
+
+
+@pytest.mark.parametrize("config_name", ["pre_ln", "post_ln_proj"])
+def test_a_users_registered_kernels_run_in_every_form(counting_kernels, config_name):
+    """kernels={"attention": "counted", ...}: no model edit; packed, causal and masked calls all reach
+    the user's function, with the numbers of the reference."""
+    config = slm.OPTConfig(**TINY_CONFIGS[config_name])
+    model = slm.OPT(config, kernels={"attention": "counted", "layer_norm": "counted"})
+    model.init_weights(seed=0)
+    reference = slm.OPT(config, attn="eager")
+    reference.load_state_dict(model.state_dict())
+    model.eval(), reference.eval()
+    ids = torch.randint(3, config.vocab_size, (2, 10))
+    cu = torch.tensor([0, 3, 10, 20], dtype=torch.int32)
+    left = torch.ones(2, 10, dtype=torch.long)
+    left[1, :4] = 0
+    with torch.no_grad():
+        for kwargs in ({"cu_seqlens": cu, "max_seqlen": 7}, {}, {"attention_mask": left}):
+            torch.testing.assert_close(model(ids, **kwargs), reference(ids, **kwargs), atol=1e-5, rtol=0)
+    layers = config.num_hidden_layers
+    assert counting_kernels["attention"] == ["packed"] * layers + ["causal"] * layers + ["masked"] * layers
+    assert counting_kernels["layer_norm"] == 3 * (2 * layers + config.has_final_layer_norm)
+
+
+@pytest.mark.parametrize("config_name", ["pre_ln", "post_ln_proj"])
+def test_activation_checkpointing_gives_identical_losses_and_gradients(config_name):
+    """fp32, with dropout (so the recompute must replay the same masks) and packed rows."""
+    config = slm.OPTConfig(**{**TINY_CONFIGS[config_name], "dropout": 0.2, "attention_dropout": 0.1})
+    plain, checkpointed = slm.OPT(config, attn="eager"), slm.OPT(config, attn="eager", activation_checkpointing=True)
+    plain.init_weights(seed=0)
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, config.vocab_size, (2, 12))
+    cu = torch.tensor([0, 5, 12, 13, 24], dtype=torch.int32)
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        runs = []
+        model.layers[0].register_forward_pre_hook(lambda *_: runs.append(1))
+        torch.manual_seed(7)
+        losses = [model(ids, cu_seqlens=cu).logsumexp(-1).mean() for _ in range(2)]   # two draws of dropout
+        sum(losses).backward()
+        results.append(([loss.item() for loss in losses], {n: p.grad for n, p in model.named_parameters()}))
+        assert len(runs) == (4 if model.activation_checkpointing else 2)   # recomputed in backward
+    (plain_losses, plain_grads), (ckpt_losses, ckpt_grads) = results
+    assert plain_losses == ckpt_losses and plain_losses[0] != plain_losses[1]
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, ckpt_grads[name]), name
 
 
 def test_init_weights_is_seeded():
@@ -220,8 +314,8 @@ def layer0_attention(model, start: int, length: int = 96) -> torch.Tensor:
     with torch.no_grad():
         x = model.embed(ids, torch.arange(start, start + length).expand(2, length))
         x = layer.attn_norm(x) if layer.pre_ln else x
-        q, k = (t.view(2, length, c.num_attention_heads, c.head_dim).transpose(1, 2)
-                for t in (layer.attn.q(x) * layer.attn.scale, layer.attn.k(x)))
+        q, k, _ = layer.attn.qkv(x).view(2, length, 3, c.num_attention_heads, c.head_dim).unbind(2)
+        q, k = (t.transpose(1, 2) for t in (q * layer.attn.scale, k))     # (B, H, T, hd)
         scores = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(),
                                                        float("-inf"))
     return scores.softmax(-1)
@@ -235,17 +329,20 @@ def test_offset_heads_attend_their_offset_and_nothing_else_changes(pre_ln):
     plain.init_weights(seed=0, sinusoidal_positions=0.05)
     fitted.init_weights(seed=0, sinusoidal_positions=0.05, offset_heads=(1, 2))
     for start in (0, 200, 400):            # everywhere in the position table, not just where it starts
-        for model, floor in ((fitted, 0.6), (plain, 0.0)):
-            probs = layer0_attention(model, start)
-            for head, offset in enumerate((1, 2)):
-                at_offset = torch.diagonal(probs[:, head], -offset, dim1=-2, dim2=-1)[:, 8:].mean().item()
-                assert at_offset >= floor, f"head {head}, offset {offset}, start {start}: {at_offset:.3f}"
-                if model is plain:          # an unfitted head spreads out: far below the fitted floor
-                    assert at_offset < 0.2, at_offset
-    fitted_rows = 2 * config.head_dim        # only the q and k rows of the two fitted heads differ
+        fitted_probs, plain_probs = layer0_attention(fitted, start), layer0_attention(plain, start)
+        for head, offset in enumerate((1, 2)):
+            fitted_at, plain_at = (torch.diagonal(probs[:, head], -offset, dim1=-2, dim2=-1)[:, 8:].mean().item()
+                                   for probs in (fitted_probs, plain_probs))
+            where = f"head {head}, offset {offset}, start {start}"
+            assert fitted_at >= 0.6, f"{where}: fitted head puts {fitted_at:.3f} on its offset"
+            assert plain_at < 0.2, f"{where}: unfitted head puts {plain_at:.3f} on it (it should spread out)"
+    # Only the q and k rows of the two fitted heads differ: rows [0, 2hd) and [d, d + 2hd) of the fused qkv.
+    d, width = config.hidden_size, 2 * config.head_dim
+    fitted_rows = torch.zeros(3 * d, dtype=torch.bool)
+    fitted_rows[:width] = fitted_rows[d:d + width] = True
     for (name, p), q in zip(fitted.named_parameters(), plain.parameters()):
-        if name in ("layers.0.attn.q.weight", "layers.0.attn.k.weight"):
-            assert not torch.equal(p[:fitted_rows], q[:fitted_rows]) and torch.equal(p[fitted_rows:], q[fitted_rows:])
+        if name == "layers.0.attn.qkv.weight":
+            assert (p != q).any(dim=1).equal(fitted_rows), "the fitted rows are q's and k's of heads 0, 1"
         else:
             assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="offset_heads"):

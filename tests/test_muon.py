@@ -50,3 +50,25 @@ def test_muon_fits_a_linear_map_and_rejects_vectors():
     assert losses[-1] < 1e-3 * losses[0], losses[::50]
     with pytest.raises(ValueError, match="weight matrices"):
         Muon([torch.nn.Parameter(torch.zeros(8))])
+
+
+def test_blocks_orthogonalise_a_fused_matrix_as_separate_ones():
+    """A (3n, n) fused q/k/v weight with blocks=3 takes the steps of three (n, n) weights (slm/model.py)."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(48, 16, generator=g)
+    fused = torch.nn.Parameter(start.clone())
+    parts = [torch.nn.Parameter(block.clone()) for block in start.chunk(3)]
+    whole = torch.nn.Parameter(start.clone())
+    optimizers = [Muon([fused], lr=0.1, weight_decay=0.01, blocks=3), Muon(parts, lr=0.1, weight_decay=0.01),
+                  Muon([whole], lr=0.1, weight_decay=0.01)]
+    for _ in range(3):
+        grad = torch.randn(48, 16, generator=g)
+        fused.grad, whole.grad = grad.clone(), grad.clone()
+        for part, block in zip(parts, grad.chunk(3)):
+            part.grad = block.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
+    assert (whole - fused).abs().max() > 1e-3        # the stacked matrix's own orthogonalisation differs
+    with pytest.raises(ValueError, match="blocks=5"):
+        Muon([torch.nn.Parameter(torch.zeros(48, 16))], blocks=5)

@@ -86,14 +86,15 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     model = slm.OPT(slm.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                   ffn_dim=32))
     names = {id(p): name for name, p in model.named_parameters()}
-    for choice, expected in (("adamw", [36]), ("muon", [24, 12])):   # 12 = 2 layers x (q, k, v, o, fc1, fc2)
+    for choice, expected in (("adamw", [28]), ("muon", [20, 8])):   # 8 = 2 layers x (qkv, o, fc1, fc2)
         cfg = train.TrainConfig(optimizer=choice, lr=1e-3, muon_lr=0.02)
         optimizers = train.make_optimizers(model, cfg)
         held = [[names[id(p)] for group in o.param_groups for p in group["params"]] for o in optimizers]
         assert [len(h) for h in held] == expected and sorted(sum(held, [])) == sorted(names.values())
         if choice == "muon":
             assert all(n.startswith("layers.") and n.endswith("weight") and "norm" not in n for n in held[1])
-            assert [g["peak_lr"] for o in optimizers for g in o.param_groups] == [1e-3, 1e-3, 0.02]
+            assert [g["peak_lr"] for o in optimizers for g in o.param_groups] == [1e-3, 1e-3, 0.02, 0.02]
+            assert [g["blocks"] for g in optimizers[1].param_groups] == [1, 3]   # fused q/k/v: 3 matrices
 
 
 def test_untrained_targets_change_neither_loss_nor_gradients():
