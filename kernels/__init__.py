@@ -24,12 +24,17 @@ from kernels.registry import REFERENCE, available, get, register
 
 if importlib.util.find_spec("triton") is not None:
     from kernels.flash_attention import flash_attention, flash_attention_varlen
+    from kernels.layer_norm import layer_norm
+    from kernels.linear_cross_entropy import linear_cross_entropy
 
 register("attention", "eager", eager_attention)
 register("attention", "sdpa", sdpa_attention)
 register("attention", "triton", triton_attention)
 register("layer_norm", "torch", layer_norm_reference)
 register("linear_cross_entropy", "torch", linear_cross_entropy_reference)
+if importlib.util.find_spec("triton") is not None:
+    register("layer_norm", "triton", layer_norm)
+    register("linear_cross_entropy", "triton", linear_cross_entropy)
 
 __all__ = ["flash_attention", "flash_attention_varlen", "attention_reference", "attention_varlen_reference",
            "layer_norm_reference", "linear_cross_entropy_reference", "interpreter_fix",
