@@ -49,3 +49,23 @@ def test_kernel_benchmark_saved_memory_shows_the_logits(tmp_path):
 def test_kernel_benchmark_refuses_an_unknown_implementation():
     with pytest.raises(ValueError, match="nope"):
         load_script("kernels").main(["--op", "layer_norm", "--impl", "nope", "--device", "cpu"])
+
+
+def test_memory_budget_on_a_tiny_config(tmp_path):
+    """opt-125m's width, 64 tokens per row, fp32 on CPU: the JSON has the parts and peak_gib, and
+    checkpointing keeps only each layer's input: over 5x fewer saved activations."""
+    memory = load_script("memory")
+    common = ["--model", "opt-125m", "--batch-size", "2", "--seq-len", "64", "--measure-len", "32",
+              "--dtype", "fp32", "--device", "cpu"]
+    plain = memory.main([*common, "--json", str(tmp_path / "plain.json")])
+    saved = json.loads((tmp_path / "plain.json").read_text())
+    assert saved["peak_gib"] == pytest.approx(sum(saved["parts_gib"].values()))
+    params = saved["parameters"]
+    assert 120e6 < params < 130e6 and saved["parts_gib"]["optimizer"] == pytest.approx(8 * params / 2**30)
+    layer_input = 64 * 768 * 4 / 2**20                 # one row's input to a layer, fp32, MiB
+    assert plain["activations_per_layer_per_row_mib"] > 5 * layer_input
+    checkpointed = memory.main([*common, "--activation-checkpointing"])
+    assert checkpointed["activations_per_layer_per_row_mib"] == pytest.approx(layer_input)
+    assert checkpointed["parts_gib"]["activations"] * 5 < plain["parts_gib"]["activations"]
+    lm = memory.main([*common, "--lm"])
+    assert lm["parts_gib"]["loss"] == pytest.approx(2 * 64 * 50272 * 4 / 2**30, rel=0.05)   # fp32 log-probs
