@@ -27,7 +27,8 @@ forward with the chosen kernels on --measure-len tokens (default 256 on a CPU, w
 at full length takes minutes) at the real width: once with 1 and once with 2 decoder layers, whose
 difference is one layer. Saved bytes grow linearly with the tokens for every implementation but "eager"
 attention (which saves T x T scores), so per-layer and loss bytes are scaled by tokens / measured tokens;
-the loss is measured on 64 tokens. On CUDA the script also runs the real step (two, so AdamW's state
+the loss is measured on 64 and 128 tokens and extrapolated along that line (the fused kernel keeps a
+fixed (V, E) weight gradient). On CUDA the script also runs the real step (two, so AdamW's state
 exists) and prints torch.cuda.max_memory_allocated beside the estimate. The CUDA context and the
 allocator's fragmentation are not included.
 """
@@ -55,7 +56,7 @@ from kernels import interpreter_fix  # noqa: E402
 
 GIB = 2**30
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-LOSS_TOKENS = 64   # tokens the loss is measured on before scaling
+LOSS_TOKENS = 64   # the loss is measured on this many tokens and twice as many, then extrapolated
 
 
 def parse_args(argv=None):
@@ -190,9 +191,15 @@ def budget(args, checkpointing: bool) -> dict:
     params = sum(p.numel() for p in model.parameters()) + \
         (config.num_hidden_layers - 1) * sum(p.numel() for p in model.layers[0].parameters())
     # Copies: measured for one layer and the embedding/head; a two-layer model's extra layer gives the rest.
+    # All are counted, checkpointing or not: autocast's cache keeps every copy until its region (forward
+    # and loss, in train.py) ends, when the saved activations are all alive.
     copies_one_layer = sum(two.weight_copies.values()) - sum(one.weight_copies.values())
-    loss_saved = measure_loss(args, model, LOSS_TOKENS)
-    copies = (sum(one.weight_copies.values()) + sum(loss_saved.weight_copies.values())
+    # The loss at two token counts: saved bytes = fixed + per token (the fused kernel keeps a (V, E) fp32
+    # weight gradient whatever the tokens; the materialised logits grow with them).
+    loss_small, loss_large = measure_loss(args, model, LOSS_TOKENS), measure_loss(args, model, 2 * LOSS_TOKENS)
+    loss_per_token = (sum(loss_large.activations.values()) - sum(loss_small.activations.values())) / LOSS_TOKENS
+    loss_fixed = sum(loss_small.activations.values()) - loss_per_token * LOSS_TOKENS
+    copies = (sum(one.weight_copies.values()) + sum(loss_small.weight_copies.values())
               + (config.num_hidden_layers - 1) * copies_one_layer)
 
     tokens = args.batch_size * args.seq_len
@@ -206,7 +213,7 @@ def budget(args, checkpointing: bool) -> dict:
         "optimizer": 8 * params,
         "weight_copies": copies,
         "activations": config.num_hidden_layers * stored_per_layer * scale + rest * scale,
-        "loss": sum(loss_saved.activations.values()) * loss_tokens / LOSS_TOKENS,
+        "loss": loss_fixed + loss_per_token * loss_tokens,
         # fp32 and half-precision gradients of the logits (6 bytes a logit), or one layer's gradients
         # (about its saved activations) plus, with checkpointing, the layer being recomputed.
         "transient": max(loss_tokens * config.vocab_size * 6 if materialised else 0,
