@@ -187,10 +187,10 @@ def main(argv=None) -> list[dict]:
     scale = 1e12 if unit == "TFLOP/s" else 1e9
     device, commit = device_name(args.device), git_commit()
     reference = kernels.REFERENCE[args.op]
-    candidates = {args.impl: kernels.get(args.op, args.impl), f"{reference} (reference)": kernels.get(args.op, reference),
-                  f"peer: {PEERS[args.op].__name__}": PEERS[args.op]}
-    if args.impl == reference:
-        candidates.pop(f"{reference} (reference)")
+    candidates = {args.impl: kernels.get(args.op, args.impl)}
+    if args.impl != reference:
+        candidates[f"{reference} (reference)"] = kernels.get(args.op, reference)
+    candidates[f"peer: {PEERS[args.op].__name__}"] = PEERS[args.op]
 
     rows = []
     for name, fn in candidates.items():
