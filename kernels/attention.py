@@ -12,7 +12,8 @@ scale defaults to 1/sqrt(D); dropout_p drops attention probabilities (training).
     "eager"   plain torch, the reference: softmax in fp32 as Hugging Face's eager path; packed rows one
               sequence at a time. O(T^2) memory.
     "sdpa"    torch's scaled_dot_product_attention. Packed rows on CPU: one causal SDPA call per sequence;
-              on CUDA: our Triton varlen kernel (SDPA would need a T x T mask and leave its flash backend).
+              on CUDA: our Triton varlen kernel (SDPA would need a T x T mask and leave its flash backend),
+              or per sequence when dropout_p > 0.
     "triton"  ours (kernels/flash_attention.py), dense and packed; a masked call or Tq != Tk (decode
               steps against a KV cache) is served by SDPA. No dropout: dropout_p > 0 is an error.
 
@@ -74,9 +75,9 @@ def sdpa_attention(q, k, v, *, causal=True, scale=None, mask=None, cu_seqlens=No
     """torch's scaled_dot_product_attention; packed rows per sequence on CPU, our varlen kernel on CUDA."""
     _check(q, mask, cu_seqlens, "sdpa")
     if cu_seqlens is not None:
-        if q.device.type == "cuda":
+        if q.device.type == "cuda" and dropout_p == 0:   # our kernel has no dropout; per sequence has
             return triton_attention(q, k, v, causal=causal, scale=scale, cu_seqlens=cu_seqlens,
-                                    max_seqlen=max_seqlen, dropout_p=dropout_p)
+                                    max_seqlen=max_seqlen)
         return _sdpa_per_sequence(q, k, v, _lengths(cu_seqlens), causal, scale, dropout_p)
     t_q, t_k = q.shape[-2], k.shape[-2]
     if mask is None and causal and t_q != t_k:   # SDPA's is_causal is top-left aligned; ours bottom-right

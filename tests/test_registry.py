@@ -65,9 +65,14 @@ def test_register_refuses_an_unknown_op_and_a_non_function():
 
 # ---------------------------------------------------------------------------------- attention forms
 
+# On a GPU the kernels run there (the interpreter only on CPU); Triton's fp32 tl.dot is TF32 on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = dict(atol=2e-3, rtol=2e-3) if DEVICE == "cuda" else dict(atol=2e-5, rtol=1e-4)
+
+
 def _qkv(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(3)]
+    return [torch.randn(*shape, generator=g).to(DEVICE) for _ in range(3)]
 
 
 def _padded_mask(b, t_q, t_k):
@@ -77,7 +82,7 @@ def _padded_mask(b, t_q, t_k):
     real = torch.ones(b, t_k, dtype=torch.bool)
     real[1, :2] = False
     itself = torch.arange(t_k)[None, :] == torch.arange(t_k - t_q, t_k)[:, None]     # (Tq, Tk)
-    return causal & (real[:, None, None, :] | itself)
+    return (causal & (real[:, None, None, :] | itself)).to(DEVICE)
 
 
 FORMS = {
@@ -86,8 +91,8 @@ FORMS = {
     "masked prefill": lambda: (_qkv(2, 3, 9, 16), {"mask": _padded_mask(2, 9, 9), "causal": False}),
     "decode step": lambda: ([*_qkv(2, 3, 1, 16)[:1], *_qkv(2, 3, 7, 16, seed=1)[1:]], {}),
     "scaled": lambda: (_qkv(1, 2, 5, 16), {"scale": 0.3}),
-    "packed": lambda: (_qkv(12, 3, 16), {"cu_seqlens": torch.tensor([0, 5, 6, 12], dtype=torch.int32),
-                                         "max_seqlen": 6}),
+    "packed": lambda: (_qkv(12, 3, 16), {"cu_seqlens": torch.tensor([0, 5, 6, 12], dtype=torch.int32,
+                                                                    device=DEVICE), "max_seqlen": 6}),
 }
 
 
@@ -98,7 +103,7 @@ def test_attention_implementations_agree_with_eager(name, form):
     expected = kernels.get("attention", "eager")(q, k, v, **kwargs)
     got = kernels.get("attention", name)(q, k, v, **kwargs)
     assert got.shape == q.shape
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
 def test_eager_decode_step_is_bottom_right_causal():
@@ -111,8 +116,8 @@ def test_eager_decode_step_is_bottom_right_causal():
 
 def test_packed_rows_refuse_a_mask_and_triton_refuses_dropout():
     q, k, v = _qkv(4, 2, 16)
-    cu = torch.tensor([0, 4], dtype=torch.int32)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="take no mask"):
-        kernels.get("attention", "sdpa")(q, k, v, cu_seqlens=cu, max_seqlen=4, mask=torch.ones(4, 4).bool())
+        kernels.get("attention", "sdpa")(q, k, v, cu_seqlens=cu, max_seqlen=4, mask=torch.ones(4, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="no attention dropout"):
         kernels.get("attention", "triton")(q, k, v, cu_seqlens=cu, max_seqlen=4, dropout_p=0.1)
