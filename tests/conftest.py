@@ -46,3 +46,9 @@ def opt_tokenizer():
     import slm
 
     return slm.load_tokenizer(shared_path("opt"))
+
+
+def pytest_addoption(parser):
+    # tests/test_kernel_conformance.py: check one implementation only, e.g. a user's registered kernel.
+    parser.addoption("--kernel", action="append", default=[], metavar="OP=NAME",
+                     help="run the kernel conformance suite for this implementation only (repeatable)")

@@ -1,0 +1,71 @@
+"""The kernel and memory benchmarks run end to end on a CPU at tiny sizes, in seconds.
+
+    pytest tests/test_bench_scripts.py
+
+Benchmarks are scripts pytest never collects; these tests load them by path and call their main().
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("op,impl,sizes", [
+    ("layer_norm", "torch", ["--tokens", "37", "--width", "80"]),
+    ("linear_cross_entropy", "torch", ["--tokens", "5", "--width", "64", "--vocab", "1000"]),
+    ("attention", "sdpa", ["--batch", "1", "--heads", "2", "--seq-len", "33", "--head-dim", "64"]),
+])
+def test_kernel_benchmark_runs_on_cpu(tmp_path, op, impl, sizes):
+    out = tmp_path / "rows.json"
+    rows = load_script("kernels").main(["--op", op, "--impl", impl, "--device", "cpu", "--dtype", "fp32",
+                                        "--reps", "1", "--json", str(out), *sizes])
+    names = [row["impl"] for row in rows]
+    assert names[0] == impl and names[-1].startswith("peer: ") and len(names) == (2 if impl == "torch" else 3)
+    for row in rows:
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd"] > 0 and row["device"] and row["commit"]
+        assert row["peak_mib"] is None   # not measured on CPU
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_kernel_benchmark_saved_memory_shows_the_logits(tmp_path):
+    """Materialised logits are what the cross-entropy saves: (N, V) fp32 at least."""
+    rows = load_script("kernels").main(["--op", "linear_cross_entropy", "--impl", "torch", "--device", "cpu",
+                                        "--dtype", "fp32", "--reps", "1", "--skip-check", "--tokens", "16",
+                                        "--width", "64", "--vocab", "4096"])
+    assert rows[0]["saved_mib"] >= 16 * 4096 * 4 / 2**20
+
+
+def test_kernel_benchmark_refuses_an_unknown_implementation():
+    with pytest.raises(ValueError, match="nope"):
+        load_script("kernels").main(["--op", "layer_norm", "--impl", "nope", "--device", "cpu"])
+
+
+def test_memory_budget_on_a_tiny_config(tmp_path):
+    """opt-125m's width, 64 tokens per row, fp32 on CPU: the JSON has the parts and peak_gib, and
+    checkpointing keeps only each layer's input: over 5x fewer saved activations."""
+    memory = load_script("memory")
+    common = ["--model", "opt-125m", "--batch-size", "2", "--seq-len", "64", "--measure-len", "32",
+              "--dtype", "fp32", "--device", "cpu"]
+    plain = memory.main([*common, "--json", str(tmp_path / "plain.json")])
+    saved = json.loads((tmp_path / "plain.json").read_text())
+    assert saved["peak_gib"] == pytest.approx(sum(saved["parts_gib"].values()))
+    params = saved["parameters"]
+    assert 120e6 < params < 130e6 and saved["parts_gib"]["optimizer"] == pytest.approx(8 * params / 2**30)
+    layer_input = 64 * 768 * 4 / 2**20                 # one row's input to a layer, fp32, MiB
+    assert plain["activations_per_layer_per_row_mib"] > 5 * layer_input
+    checkpointed = memory.main([*common, "--activation-checkpointing"])
+    assert checkpointed["activations_per_layer_per_row_mib"] == pytest.approx(layer_input)
+    assert checkpointed["parts_gib"]["activations"] * 5 < plain["parts_gib"]["activations"]
+    lm = memory.main([*common, "--lm"])
+    assert lm["parts_gib"]["loss"] == pytest.approx(2 * 64 * 50272 * 4 / 2**30, rel=0.05)   # fp32 log-probs
