@@ -39,6 +39,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset  # noqa: E402
@@ -92,7 +93,7 @@ def peer_loss(model, b, device):
 
 
 def ours_loss(model, b, device):
-    return train.micro_batch_loss(model, b, model.lm_head_weight, device)
+    return train.micro_batch_loss(model, model, b, device)
 
 
 class Side:
@@ -168,6 +169,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --small 1)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16; --small fp32")
     p.add_argument("--json", help="also write the results here")
+    kernels.add_arguments(p, "layer_norm and linear_cross_entropy torch; attention: sdpa, and triton on cuda, "
+                             "one side each")
     args = p.parse_args(argv)
     small = dict(batch_size=2, examples=6, passes=3, warmup=1, dtype="fp32")
     large = dict(batch_size=8, examples=64, passes=5, warmup=3, dtype="bf16")
@@ -182,11 +185,11 @@ def main(argv=None):
     packed, padded, n_examples = batches(shards(args, tok), args)
     config = slm.OPTConfig(**SMALL) if args.small else slm.OPTConfig.preset("opt-350m")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    peak = next((v for k, v in train.PEAK_FLOPS.items() if k in device_name), None) if device.type == "cuda" else None
+    peak = train.peak_flops(device)
 
     # One set of random weights for both sides, through a Hugging Face checkpoint on disk.
     torch.manual_seed(0)
-    ours = slm.OPT(config)
+    ours = slm.OPT(config, kernels=args.kernels)
     ours.init_weights(seed=0)
     checkpoint = Path(tempfile.mkdtemp(prefix="bench_train_step_model_"))
     slm.save_model(ours, checkpoint)
@@ -210,9 +213,12 @@ def main(argv=None):
         raise SystemExit("the two implementations disagree: timings would compare different computations")
 
     # ---- timing
-    sides = [Side("slm packed (sdpa)", ours, ours_loss, packed, device, dtype, attn="sdpa")]
-    if device.type == "cuda":
-        sides.append(Side("slm packed (triton)", ours, ours_loss, packed, device, dtype, attn="triton"))
+    if "attention" in (args.kernels or {}):
+        sides = [Side(f"slm packed ({args.kernels['attention']})", ours, ours_loss, packed, device, dtype)]
+    else:
+        sides = [Side("slm packed (sdpa)", ours, ours_loss, packed, device, dtype, attn="sdpa")]
+        if device.type == "cuda":
+            sides.append(Side("slm packed (triton)", ours, ours_loss, packed, device, dtype, attn="triton"))
     sides.append(Side("transformers padded (sdpa)", peer, peer_loss, padded, device, dtype))
     results = []
     if device.type == "cuda":
@@ -243,7 +249,7 @@ def main(argv=None):
               "model": "opt-350m (random weights)" if not args.small else f"small OPT {SMALL}",
               "dtype": args.dtype, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "examples": n_examples, "packed_micro_batches": len(packed), "padded_micro_batches": len(padded),
-              "gflop_per_token": flop_per_token / 1e9,
+              "kernels": ours.kernels, "gflop_per_token": flop_per_token / 1e9,
               "peak_tflops": peak and peak / 1e12, "loss_check": sums, "results": results,
               "torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps(report, indent=1))
