@@ -42,8 +42,8 @@ Kernels: every op runs through the registry (kernels/), chosen with `--kernels a
 layer_norm=triton,linear_cross_entropy=triton` (--attn NAME is the attention entry); the resolved choice is
 printed at start and saved in train_config.json and each checkpoint's config. Attention defaults to
 "triton" on CUDA and "sdpa" on CPU (`default_kernels`, the one place this is decided): on CUDA the packed
-rows of training then go to our varlen kernel and never build a (T x T) mask, and dense calls are flash;
-on CPU the interpreter would be slow and SDPA is exact. The loss of the trained turns (and of the LM
+rows of training then go to our varlen kernel and never build a (T x T) mask; on CPU Triton would need
+its interpreter, and SDPA is exact. The loss of the trained turns (and of the LM
 warm-up) is the "linear_cross_entropy" op on the hidden states: "torch" materialises the trained tokens'
 logits, "triton" never holds them. --activation-checkpointing recomputes each decoder layer in backward
 (same losses, less memory).
@@ -220,9 +220,9 @@ def fail(message: str):
 
 
 def default_kernels(cfg: TrainConfig, device: torch.device) -> dict[str, str]:
-    """Every op's implementation: those --kernels and --attn named (checked when parsed), then the defaults. Attention
-    defaults to "triton" on CUDA (packed rows through our varlen kernel, never a T x T mask) and to
-    "sdpa" on CPU (exact, and fast where Triton would need its interpreter)."""
+    """Every op's implementation: those --kernels and --attn named (checked when parsed), then the
+    defaults. Attention defaults to "triton" on CUDA (packed rows through our varlen kernel, never a
+    T x T mask) and to "sdpa" on CPU (exact, and fast where Triton would need its interpreter)."""
     attention = "triton" if device.type == "cuda" else "sdpa"
     return {**slm.model.DEFAULT_KERNELS, "attention": attention, **(cfg.kernels or {})}
 
@@ -677,8 +677,8 @@ def describe(cfg: TrainConfig, procs: Processes, data: Data, model, flop_per_tok
               f"steps/epoch (paper-equivalent: {data.paper_steps:.0f}), {data.total_steps} steps in all")
     procs.say(f"model: {model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
               f"{cfg.dtype} on {procs.device}, kernels "
-              + ",".join(f"{op}={name}" for op, name in cfg.kernels.items())
-              + (", activation checkpointing" if cfg.activation_checkpointing else ""))
+              + ",".join(f"{op}={name}" for op, name in model.kernels.items())
+              + (", activation checkpointing" if model.activation_checkpointing else ""))
 
 
 def eval_loss(model, raw_model, eval_batches: list, autocast, procs: Processes) -> float:
@@ -794,7 +794,8 @@ def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data
     last = checkpoint_dirs(run_dir)
     where = (f"--resume continues from the last intact checkpoint, {last[-1]}" if last else
              "no checkpoint was written yet, so the run starts over")
-    return (f"step {step} ran out of {procs.device.type} memory ({str(err).splitlines()[0] if str(err) else 'no detail'})"
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(err))   # torch's message runs to a paragraph
+    return (f"step {step} ran out of {procs.device.type} memory{f' ({asked[0]})' if asked else ''}"
             f" with micro-batches of {cfg.batch_size} rows x {cfg.max_len} tokens, {data.accum} of them a step, "
             f"and a peak of {peak_memory_gib(procs.device):.2f} GiB so far; lower it with --activation-checkpointing "
             f"or --kernels linear_cross_entropy=triton ({where}), or with a smaller --batch-size and a larger "
