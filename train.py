@@ -43,10 +43,10 @@ layer_norm=triton,linear_cross_entropy=triton` (--attn NAME is the attention ent
 printed at start and saved in train_config.json and each checkpoint's config. Attention defaults to
 "triton" on CUDA and "sdpa" on CPU (`default_kernels`, the one place this is decided): on CUDA the packed
 rows of training then go to our varlen kernel and never build a (T x T) mask; on CPU Triton would need
-its interpreter, and SDPA is exact. The loss of the trained turns (and of the LM
-warm-up) is the "linear_cross_entropy" op on the hidden states: "torch" materialises the trained tokens'
-logits, "triton" never holds them. --activation-checkpointing recomputes each decoder layer in backward
-(same losses, less memory).
+its interpreter, and SDPA is exact. The loss of the trained turns (and of the LM warm-up) is the
+"linear_cross_entropy" op on the hidden states: "torch" materialises the trained tokens' logits,
+"triton" never holds them. --activation-checkpointing recomputes each decoder layer in backward (the
+same losses, less memory).
 
 Out of memory: a step that runs out of device memory stops with one sentence naming the batch, the peak
 so far, the flags that lower it and the last intact checkpoint, which --resume continues from.
@@ -702,12 +702,13 @@ def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, s
     The loss is normalised by the trained tokens of the whole step, on every process (known before
     backward). A step whose loss or gradient is not finite leaves the weights alone.
 
-    One host sync per step, the `.tolist()` below: whether to apply the update depends on the loss and
-    gradient norm being finite, which only the host can decide, so they are read together (with the
+    One host sync per step here, the `.tolist()` below: whether to apply the update depends on the loss
+    and gradient norm being finite, which only the host can decide, so they are read together (with the
     step's token counts under DDP). Everything else is queued without waiting: the trained-token count
     comes from the batches' metadata on the host, and under DDP its all-reduced sum stays on the device,
     where it normalises the loss. (GradScaler.step syncs once more for an optimizer without a fused
-    fp16 step, i.e. Muon under --dtype fp16; AdamW on CUDA is fused.)"""
+    fp16 step, i.e. Muon under --dtype fp16; AdamW on CUDA is fused. With --no-packing the model checks
+    a batch for padding, one more.)"""
     world, device = procs.world, procs.device
     # In language modelling every input token has its next token as target: n_tokens of them.
     counts = [sum(b.n_tokens if lm else b.n_trained for b in micro), sum(b.n_tokens for b in micro)]
@@ -736,11 +737,9 @@ def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, s
         for group in optimizer.param_groups:
             group["lr"] = lr * group["peak_lr"] / cfg.lr
     read = torch.stack([loss_total.double(), gnorm.double()])
-    if world > 1:
-        read = torch.cat([read, counts])
-    loss_sum, gnorm, *counts_read = read.tolist()      # the step's host sync
-    step_trained, step_tokens = (int(n) for n in counts_read) if world > 1 else counts
-    loss_value = loss_sum / max(step_trained, 1)
+    step_loss, gnorm, *summed_counts = (torch.cat([read, counts]) if world > 1 else read).tolist()   # the sync
+    step_trained, step_tokens = map(int, summed_counts) if world > 1 else counts
+    loss_value = step_loss / max(step_trained, 1)
     # Every process decides alike: gnorm comes from all-reduced gradients, loss_total was all-reduced.
     finite = math.isfinite(loss_value) and math.isfinite(gnorm)
     if finite:
