@@ -3,9 +3,11 @@
     python bench/train_step.py                      # GPU: OPT-350M (random weights), T=2048, bf16
     python bench/train_step.py --small              # CPU: a small OPT in fp32 (ratios only)
     python bench/train_step.py --data DIR --json out.json
+    python bench/train_step.py --kernels attention=triton,layer_norm=triton,linear_cross_entropy=triton
 
 Ours: slm.OPT, packed rows of --seq-len tokens (varlen attention through cu_seqlens), the head applied
-to trained positions only (train.micro_batch_loss), AdamW, sdpa and triton attention. The peer, as
+to trained positions only (train.micro_batch_loss), AdamW, sdpa and triton attention (one side each,
+unless --kernels names the attention; its other ops as --kernels says, torch by default). The peer, as
 TRL's SFTTrainer runs it without packing: transformers.OPTForCausalLM with attn_implementation="sdpa",
 the same examples padded to the longest of each batch of --batch-size, full logits and cross-entropy
 with ignore_index, AdamW. Both: autocast in --dtype, fp32 master weights, one micro-batch per
@@ -18,8 +20,9 @@ agree. Then each side runs --warmup untimed steps and --passes timed passes over
 GPU one side after the other (one model on the GPU at a time, so peak memory is each side's own), on
 a CPU alternating pass by pass (a shared CPU's load drifts; both sides then see the same).
 Throughput counts real (non-padding) tokens; MFU = FLOP/token x tokens/s / peak, with FLOP/token =
-6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and peak 989 TFLOP/s dense bf16 on an H100 (the
-datasheet), also shown against the ~790 an 8192^3 bf16 matmul reaches in practice. A table is printed
+6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and the device's dense bf16/fp16 datasheet peak
+(train.PEAK_FLOPS: 989 TFLOP/s on an H100 SXM), also shown against the ~790 an 8192^3 bf16 matmul
+reaches on an H100 in practice. A table is printed
 last, with the JSON beside it.
 """
 
