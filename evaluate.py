@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import kernels
 import slm
 from slm import toolbench
 from slm.generate import generate
@@ -117,8 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--attn", default="sdpa", choices=slm.model.ATTENTION_IMPLEMENTATIONS,
-                        help="attention implementation for the prefill (default sdpa)")
+    kernels.add_arguments(parser, "attention sdpa, layer_norm torch")
     parser.add_argument("--tool-server", default=None, metavar="URL",
                         help="stabletoolbench: send tool calls to this StableToolBench virtual API server, e.g. "
                              "http://127.0.0.1:8080/virtual (default: the offline recorded environment)")
@@ -530,10 +530,11 @@ def main(argv=None) -> dict:
     # ------------------------------------------------------------------ model and tokenizer
     try:
         model_dir = resolve_checkpoint(args.model)
-        model = slm.load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device, attn=args.attn)
+        model = slm.load_model(model_dir, dtype=getattr(torch, args.dtype), device=args.device, kernels=args.kernels)
         tok = slm.load_tokenizer(args.tokenizer or model_dir)
     except (slm.CheckpointError, FileNotFoundError, ValueError) as err:   # all name the file at fault
         raise SystemExit(f"evaluate.py: {err}") from None
+    print(f"evaluate: kernels {','.join(f'{op}={name}' for op, name in model.kernels.items())}")
     max_len = args.max_len or model.config.max_position_embeddings
     if max_len > model.config.max_position_embeddings or args.max_new_tokens >= max_len:
         raise SystemExit(f"--max-len {max_len} must be at most the model's {model.config.max_position_embeddings} "
@@ -590,7 +591,7 @@ def main(argv=None) -> dict:
                 if args.suite == "stabletoolbench" else "",
         "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),
         "commit": git_commit(),
-        "config": json.loads(json.dumps(vars(args), default=str)) | {"max_len": max_len},
+        "config": json.loads(json.dumps(vars(args), default=str)) | {"max_len": max_len, "kernels": model.kernels},
         "data": [str(p) for p in args.data] if args.data else "in-memory synthetic test split",
         "subsets": subsets, "overall": overall, "skipped": skipped,
         "timings": {"load_s": loaded - started, "evaluate_s": finished - loaded, "generate_s": decoder.seconds,

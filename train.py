@@ -37,6 +37,19 @@ none, so the preset gives it four head starts, each measured in BENCHMARKS.md:
   the first half of a copying circuit, which the model would otherwise take most of its budget to find;
 - Muon (--optimizer muon) for the decoder's weight matrices, AdamW for the rest.
 
+Kernels: every op runs through the registry (kernels/), chosen with `--kernels attention=triton,
+layer_norm=triton,linear_cross_entropy=triton` (--attn NAME is the attention entry); the resolved choice is
+printed at start and saved in train_config.json and each checkpoint's config. Attention defaults to
+"triton" on CUDA and "sdpa" on CPU (`default_kernels`, the one place this is decided): on CUDA the packed
+rows of training then go to our varlen kernel and never build a (T x T) mask; on CPU Triton would need
+its interpreter, and SDPA is exact. The loss of the trained turns (and of the LM warm-up) is the
+"linear_cross_entropy" op on the hidden states: "torch" materialises the trained tokens' logits,
+"triton" never holds them. --activation-checkpointing recomputes each decoder layer in backward (the
+same losses, less memory).
+
+Out of memory: a step that runs out of device memory stops with one sentence naming the batch, the peak
+so far, the flags that lower it and the last intact checkpoint, which --resume continues from.
+
 Precision follows the device: on CUDA fp16 autocast with a dynamic loss scale (the paper's; --dtype
 bf16 selectable), on CPU fp32; the weights and AdamW's state stay fp32. Under torchrun the global
 batch is unchanged (--grad-accum is split among the processes) and so are the losses. A step whose
@@ -53,6 +66,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -62,10 +76,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import kernels
 import slm
 from slm import smoke_init
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
@@ -104,7 +118,9 @@ class TrainConfig:
     lm_fraction: float = 0.0         # share of the steps, first, whose loss covers every token (see above)
     dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
     # machinery
-    attn: str = "sdpa"               # eager | sdpa | triton
+    kernels: dict | None = None      # {op: name} from the registry (--kernels, --attn); resolved at start
+                                     # to every op by default_kernels
+    activation_checkpointing: bool = False   # recompute each decoder layer in backward
     device: str | None = None        # cpu | cuda; None: cuda when available
     seed: int = 0
     eval_fraction: float = 0.01      # share of queries held out for eval loss (0: no eval)
@@ -131,9 +147,13 @@ SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 
 OPTIMIZERS = ("adamw", "muon")
 SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense bf16/fp16 tensor-core peaks from the datasheets, for MFU (PaLM, arXiv 2204.02311, appendix B).
-# A 8192^3 bf16 matmul reaches about 790 TFLOP/s on an H100 SXM in practice; both ratios are printed.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (not sparse) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, for MFU (PaLM, arXiv 2204.02311,
+# appendix B), by a word of torch.cuda.get_device_name, the most specific first: "NVIDIA H100 PCIe",
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA A10G" (AWS's A10 variant, which has no datasheet of its own: the
+# A10's figure), "NVIDIA L4" (a whole word, so never an L40).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "A10G": 125e12, "L4": 121e12}
+# A 8192^3 bf16 matmul reaches about 790 TFLOP/s on an H100 SXM in practice (bench/train_step.py's second ratio).
 PRACTICAL_H100_FLOPS = 790e12
 
 
@@ -175,7 +195,9 @@ def parse_args(argv=None) -> TrainConfig:
     a("--lm-fraction", type=float,
       help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.3)")
     a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
-    a("--attn", choices=slm.model.ATTENTION_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
+    kernels.add_arguments(p, "attention triton on cuda, sdpa on cpu; layer_norm and linear_cross_entropy torch")
+    a("--activation-checkpointing", action="store_true", default=None,
+      help="recompute each decoder layer in backward instead of keeping its activations (less memory)")
     a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     a("--seed", type=int, help="seed of init, data order, dropout and eval split (default 0)")
     a("--eval-fraction", type=float, help="share of queries held out for eval loss (default 0.01)")
@@ -197,6 +219,29 @@ def fail(message: str):
     raise SystemExit(f"train.py: error: {message}")
 
 
+def default_kernels(cfg: TrainConfig, device: torch.device) -> dict[str, str]:
+    """Every op's implementation: those --kernels and --attn named (checked when parsed), then the
+    defaults. Attention defaults to "triton" on CUDA (packed rows through our varlen kernel, never a
+    T x T mask) and to "sdpa" on CPU (exact, and fast where Triton would need its interpreter)."""
+    attention = "triton" if device.type == "cuda" else "sdpa"
+    return {**slm.model.DEFAULT_KERNELS, "attention": attention, **(cfg.kernels or {})}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16/fp16 peak (PEAK_FLOPS), or None off CUDA and for a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The peak memory of this process so far: allocated on the GPU, or the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """The learning rate of update number `step` (0-based): linear warmup from 0, then linear to 0.
 
@@ -208,36 +253,46 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup))
 
 
-def trained_token_loss(hidden, positions, labels, head_weight) -> torch.Tensor:
+def trained_token_loss(hidden, positions, labels, head_weight, linear_cross_entropy) -> torch.Tensor:
     """Summed cross-entropy of the trained targets: hidden (B, T, e) -> a scalar.
 
     positions: flat indices into the B*T tokens whose target is trained; labels: their targets.
-    The tied head (vocab x e) is applied at those positions only. In ToolBench rows under 10% of the
-    tokens are trained (system prompt, queries and observations carry no loss), so full logits would
-    spend most of the head's FLOPs, and B*T*50272 floats of memory (3.3 GB for 8x2048 in fp32), on
-    numbers the loss ignores.
+    linear_cross_entropy: the registry's op (the model's `kernel("linear_cross_entropy")`), which applies
+    the tied head (vocab x e) at those positions only. In ToolBench rows under 10% of the tokens are
+    trained (system prompt, queries and observations carry no loss), so full logits would spend most of
+    the head's FLOPs, and B*T*50272 floats of memory (3.3 GB for 8x2048 in fp32), on numbers the loss
+    ignores; the "triton" implementation does not even hold the trained tokens' logits.
     """
     h = hidden.flatten(0, 1).index_select(0, positions)          # (n_trained, e)
-    logits = h @ head_weight.T                                    # (n_trained, vocab)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return linear_cross_entropy(h, head_weight, labels, reduction="sum")
 
 
-def micro_batch_loss(model, b, head_weight, device, lm: bool = False) -> tuple[torch.Tensor, int]:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`. A host-to-GPU copy is asynchronous only from pinned (page-locked) memory, so on CUDA
+    the batch is pinned first and `non_blocking=True` lets the copy overlap the previous step's kernels."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def micro_batch_loss(model, opt: slm.OPT, b, device, lm: bool = False) -> tuple[torch.Tensor, int]:
     """Summed loss of one micro-batch (a slm.data.Batch) and its number of trained targets.
 
-    `model` may be the DDP wrapper (whose forward synchronises gradients); the head weight is the
-    wrapped model's own tied embedding. lm: every next token is a target, not only the trained turns.
+    `model` may be the DDP wrapper (whose forward synchronises gradients) of `opt`, whose tied embedding
+    and loss kernel give the loss. lm: every next token is a target, not only the trained turns.
     """
     targets = b.lm_targets if lm else b.targets
     trained = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # on the CPU: no GPU sync
     labels = targets.flatten()[trained]
-    input_ids = b.input_ids.to(device, non_blocking=True)
+    input_ids = to_device(b.input_ids, device)
     if b.cu_seqlens is not None:   # packed rows: sequences given by cu_seqlens, attention never crosses
-        hidden = model(input_ids, cu_seqlens=b.cu_seqlens.to(device), max_seqlen=b.max_seqlen,
+        hidden = model(input_ids, cu_seqlens=to_device(b.cu_seqlens, device), max_seqlen=b.max_seqlen,
                        return_hidden=True)
     else:                          # padded rows
-        hidden = model(input_ids, attention_mask=b.attention_mask.to(device), return_hidden=True)
-    return trained_token_loss(hidden, trained.to(device), labels.to(device), head_weight), len(labels)
+        hidden = model(input_ids, attention_mask=to_device(b.attention_mask, device), return_hidden=True)
+    loss = trained_token_loss(hidden, to_device(trained, device), to_device(labels, device), opt.lm_head_weight,
+                              opt.kernel("linear_cross_entropy"))
+    return loss, len(labels)
 
 
 def optimizer_steps(loader: PackedLoader, accum: int):
@@ -450,6 +505,7 @@ def setup(cfg: TrainConfig) -> tuple[Processes, Path]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     cfg.dtype = cfg.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    cfg.kernels = default_kernels(cfg, device)
     torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on GPU: TF32 tensor cores
     torch.backends.cudnn.allow_tf32 = True
 
@@ -553,11 +609,13 @@ def build_model(cfg: TrainConfig, tok, procs: Processes):
     torch.manual_seed(cfg.seed)
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
-        model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), attn=cfg.attn)
+        model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), kernels=cfg.kernels,
+                        activation_checkpointing=cfg.activation_checkpointing)
         smoke_init.init_weights(model, cfg.seed, position_rms=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
     else:
         try:
-            model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", attn=cfg.attn)
+            model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", kernels=cfg.kernels,
+                                   activation_checkpointing=cfg.activation_checkpointing)
         except (slm.CheckpointError, ValueError, OSError) as err:
             fail(f"--model: {err}")
     if tok.vocab_size > model.config.vocab_size:
@@ -568,8 +626,10 @@ def build_model(cfg: TrainConfig, tok, procs: Processes):
     model.to(procs.device).train()           # fp32 master weights; autocast computes in cfg.dtype
     raw_model = model
     if procs.world > 1:
+        # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, not a second copy.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None)
+            model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process, as the data does
     return model, raw_model
 
@@ -616,7 +676,9 @@ def describe(cfg: TrainConfig, procs: Processes, data: Data, model, flop_per_tok
               f"trained turns on average = as many paper rows (paper: {cfg.paper_rows}); {data.steps_per_epoch} "
               f"steps/epoch (paper-equivalent: {data.paper_steps:.0f}), {data.total_steps} steps in all")
     procs.say(f"model: {model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
-              f"{cfg.dtype} on {procs.device}, attn {cfg.attn}")
+              f"{cfg.dtype} on {procs.device}, kernels "
+              + ",".join(f"{op}={name}" for op, name in model.kernels.items())
+              + (", activation checkpointing" if model.activation_checkpointing else ""))
 
 
 def eval_loss(model, raw_model, eval_batches: list, autocast, procs: Processes) -> float:
@@ -625,7 +687,7 @@ def eval_loss(model, raw_model, eval_batches: list, autocast, procs: Processes) 
     total = torch.zeros(2, dtype=torch.float64, device=procs.device)   # (loss sum, trained tokens)
     with torch.no_grad(), autocast:
         for b in eval_batches:
-            loss_sum, n = micro_batch_loss(raw_model, b, raw_model.lm_head_weight, procs.device)
+            loss_sum, n = micro_batch_loss(raw_model, raw_model, b, procs.device)
             total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=procs.device)])
     if procs.world > 1:
         dist.all_reduce(total)
@@ -638,37 +700,47 @@ def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, s
     """One optimizer step over its micro-batches: {loss, gnorm, finite, tokens, trained}.
 
     The loss is normalised by the trained tokens of the whole step, on every process (known before
-    backward). A step whose loss or gradient is not finite leaves the weights alone."""
+    backward). A step whose loss or gradient is not finite leaves the weights alone.
+
+    One host sync per step here, the `.tolist()` below: whether to apply the update depends on the loss
+    and gradient norm being finite, which only the host can decide, so they are read together (with the
+    step's token counts under DDP). Everything else is queued without waiting: the trained-token count
+    comes from the batches' metadata on the host, and under DDP its all-reduced sum stays on the device,
+    where it normalises the loss. (GradScaler.step syncs once more for an optimizer without a fused
+    fp16 step, i.e. Muon under --dtype fp16; AdamW on CUDA is fused. With --no-packing the model checks
+    a batch for padding, one more.)"""
     world, device = procs.world, procs.device
     # In language modelling every input token has its next token as target: n_tokens of them.
-    n_trained = torch.tensor([sum(b.n_tokens if lm else b.n_trained for b in micro),
-                              sum(b.n_tokens for b in micro)],
-                             dtype=torch.float64, device=device)
+    counts = [sum(b.n_tokens if lm else b.n_trained for b in micro), sum(b.n_tokens for b in micro)]
     if world > 1:
-        dist.all_reduce(n_trained)
-    step_trained, step_tokens = int(n_trained[0]), int(n_trained[1])
+        counts = torch.tensor(counts, dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        # DDP averages over processes; x world turns that back into the step's sum.
+        scale = (world / counts[0].clamp(min=1)).float()
+    else:
+        scale = 1 / max(counts[0], 1)
     loss_total = torch.zeros((), device=device)
     for i, b in enumerate(micro):
         # DDP all-reduces gradients only on the last micro-batch; the others accumulate locally.
         sync = i == len(micro) - 1 or world == 1
         with nullcontext() if sync else model.no_sync():
             with autocast:
-                loss_sum, _ = micro_batch_loss(model, b, raw_model.lm_head_weight, device, lm)
-            # DDP averages over processes; x world turns that back into the step's sum.
-            loss = loss_sum * (world / max(step_trained, 1))
-            scaler.scale(loss).backward()
+                loss_sum, _ = micro_batch_loss(model, raw_model, b, device, lm)
+            scaler.scale(loss_sum * scale).backward()
         loss_total += loss_sum.detach()
     if world > 1:
         dist.all_reduce(loss_total)
     for optimizer in optimizers:
         scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
-    gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
+    gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
     for optimizer in optimizers:         # every group follows the schedule from its own peak
         for group in optimizer.param_groups:
             group["lr"] = lr * group["peak_lr"] / cfg.lr
-    loss_value = loss_total.item() / max(step_trained, 1)
-    # One host sync per step: a non-finite loss or gradient skips the update on every process alike
-    # (gnorm is computed from all-reduced gradients, loss_total was all-reduced).
+    read = torch.stack([loss_total.double(), gnorm.double()])
+    step_loss, gnorm, *summed_counts = (torch.cat([read, counts]) if world > 1 else read).tolist()   # the sync
+    step_trained, step_tokens = map(int, summed_counts) if world > 1 else counts
+    loss_value = step_loss / max(step_trained, 1)
+    # Every process decides alike: gnorm comes from all-reduced gradients, loss_total was all-reduced.
     finite = math.isfinite(loss_value) and math.isfinite(gnorm)
     if finite:
         for optimizer in optimizers:
@@ -693,11 +765,7 @@ class Meter:
         tok_s = (state["tokens"] - self.tokens_last) / dt
         trained_s = (state["trained_tokens"] - self.trained_last) / dt
         self.t_last, self.tokens_last, self.trained_last = now, state["tokens"], state["trained_tokens"]
-        if self.device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:   # Linux reports ru_maxrss in KiB
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        return tok_s, trained_s, mem
+        return tok_s, trained_s, peak_memory_gib(self.device)
 
 
 def step_log(step: int, lm: bool, lr: float, result: dict, state: dict, meter: Meter, flop_per_token: float,
@@ -711,11 +779,26 @@ def step_log(step: int, lm: bool, lr: float, result: dict, state: dict, meter: M
     mfu = ""
     if peak:
         record["mfu"] = flop_per_token * tok_s / peak
-        mfu = f" | mfu {record['mfu']:.1%} ({flop_per_token * tok_s / PRACTICAL_H100_FLOPS:.1%} of a 790 TF matmul)"
+        mfu = f" | mfu {record['mfu']:.1%}"
     line = (f"step {step:6d} | {'lm ' if lm else ''}loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
             f"tok/s {tok_s:,.0f} | trained tok/s {trained_s:,.0f}{mfu} | mem {mem:.2f} GiB"
             + (f" | skipped {state['skipped_steps']}" if state["skipped_steps"] else ""))
     return record, line
+
+
+def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data: Data, procs: Processes,
+                  run_dir: Path) -> str:
+    """The sentence a step that ran out of device memory stops with: what was asked, what lowers it, and
+    where the run continues from."""
+    last = checkpoint_dirs(run_dir)
+    where = (f"--resume continues from the last intact checkpoint, {last[-1]}" if last else
+             "no checkpoint was written yet, so the run starts over")
+    asked = re.search(r"Tried to allocate [\d.]+ \w+", str(err))   # torch's message runs to a paragraph
+    return (f"step {step} ran out of {procs.device.type} memory{f' ({asked[0]})' if asked else ''}"
+            f" with micro-batches of {cfg.batch_size} rows x {cfg.max_len} tokens, {data.accum} of them a step, "
+            f"and a peak of {peak_memory_gib(procs.device):.2f} GiB so far; lower it with --activation-checkpointing "
+            f"or --kernels linear_cross_entropy=triton ({where}), or with a smaller --batch-size and a larger "
+            f"--grad-accum in a new --out (the data position depends on the batch size)")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -736,8 +819,7 @@ def main(argv=None):
     step, state = resume(cfg, procs, run_dir, raw_model, optimizers, scaler, data.loader)
     metrics_path, loss_png = run_dir / "metrics.jsonl", run_dir / "loss.png"
     flop_per_token = flops_per_token(raw_model, cfg.max_len)
-    peak = next((v for k, v in PEAK_FLOPS.items() if procs.device.type == "cuda"
-                 and k in torch.cuda.get_device_name(procs.device)), None)
+    peak = peak_flops(procs.device)
     describe(cfg, procs, data, raw_model, flop_per_token)
 
     # ------------------------------------------------------------------------------------ training
@@ -751,7 +833,11 @@ def main(argv=None):
         micro, position = next(steps)
         lm = step < data.lm_steps
         lr = lr_at(step, cfg, data.total_steps)
-        result = train_step(micro, lm, lr, model, raw_model, optimizers, scaler, autocast, cfg, procs)
+        try:
+            result = train_step(micro, lm, lr, model, raw_model, optimizers, scaler, autocast, cfg, procs)
+        except torch.OutOfMemoryError as err:
+            bar.close()
+            fail(out_of_memory(err, step + 1, cfg, data, procs, run_dir))
         loss_value, gnorm = result["loss"], result["gnorm"]
         # The schedule advances after a skipped step too, as in transformers' Trainer after an fp16 overflow.
         bad_in_a_row = 0 if result["finite"] else bad_in_a_row + 1

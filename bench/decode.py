@@ -37,6 +37,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import kernels  # noqa: E402
 import slm  # noqa: E402
 from slm.generate import generate  # noqa: E402
 
@@ -107,7 +108,8 @@ def stabletoolbench_wall_time(checkpoint: Path, args) -> dict:
     results = evaluate.main([
         "--model", str(checkpoint), "--tokenizer", str(SHARED / "opt"), "--suite", "stabletoolbench",
         "--data", *map(str, files), "--tools", str(SHARED / "toolbench/tools/toolenv2404"),
-        "--out", str(out), "--device", args.device, "--dtype", args.dtype, "--attn", args.attn,
+        "--out", str(out), "--device", args.device, "--dtype", args.dtype,
+        "--kernels", ",".join(f"{op}={name}" for op, name in args.kernels.items()),
         "--batch-size", "32", "--max-new-tokens", str(args.new_tokens)])
     return {"wall_s": time.perf_counter() - start, "queries": results["overall"]["queries"],
             "generate_s": results["timings"]["generate_s"], "new_tokens": results["timings"]["new_tokens"],
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --small")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--attn", default="sdpa", choices=slm.model.ATTENTION_IMPLEMENTATIONS, help="our prefill attention")
+    kernels.add_arguments(parser, "attention sdpa, layer_norm torch (ours)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--prompt-len", type=int, default=None, help="longest prompt (default 1024; 128 with --small)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per prompt (default 128; 32 with --small)")
@@ -143,7 +145,8 @@ def main() -> None:
     model = slm.OPT(config)
     model.init_weights(seed=0)
     slm.save_model(model, checkpoint)
-    ours = slm.load_model(checkpoint, dtype=dtype, device=args.device, attn=args.attn)
+    ours = slm.load_model(checkpoint, dtype=dtype, device=args.device, kernels=args.kernels)
+    args.kernels = ours.kernels     # every op, resolved: reported, and passed on to evaluate.py
     hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
     hf = hf.to(args.device).eval()
 
@@ -152,7 +155,7 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip() or None
     report = {"device": device_name, "commit": commit, "torch": torch.__version__,
               "transformers": transformers.__version__, "config": "small" if args.small else "opt-350m",
-              "dtype": args.dtype, "attn": args.attn, "prompt_len": args.prompt_len,
+              "dtype": args.dtype, "kernels": ours.kernels, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "runs": []}
     for batch in args.batches:
         prompts = make_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
@@ -182,7 +185,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\ndecode, {report['config']} {args.dtype} on {device_name}, commit {commit}, prompts <= "
-          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, attn={args.attn}")
+          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, kernels "
+          + ",".join(f"{op}={name}" for op, name in ours.kernels.items()))
     captured = f"  {'compiled tok/s':>14}  {'speedup':>7}  {'ms/tok':>7}  {'compile s':>9}" if args.compile else ""
     print(f"{'batch':>5}  {'slm tok/s':>10}  {'hf tok/s':>10}  {'speedup':>7}  {'slm ms/tok':>10}  "
           f"{'hf ms/tok':>9}  {'same tokens':>11}{captured}")

@@ -3,9 +3,11 @@
     python bench/train_step.py                      # GPU: OPT-350M (random weights), T=2048, bf16
     python bench/train_step.py --small              # CPU: a small OPT in fp32 (ratios only)
     python bench/train_step.py --data DIR --json out.json
+    python bench/train_step.py --kernels attention=triton,layer_norm=triton,linear_cross_entropy=triton
 
 Ours: slm.OPT, packed rows of --seq-len tokens (varlen attention through cu_seqlens), the head applied
-to trained positions only (train.micro_batch_loss), AdamW, sdpa and triton attention. The peer, as
+to trained positions only (train.micro_batch_loss), AdamW, sdpa and triton attention (one side each,
+unless --kernels names the attention; its other ops as --kernels says, torch by default). The peer, as
 TRL's SFTTrainer runs it without packing: transformers.OPTForCausalLM with attn_implementation="sdpa",
 the same examples padded to the longest of each batch of --batch-size, full logits and cross-entropy
 with ignore_index, AdamW. Both: autocast in --dtype, fp32 master weights, one micro-batch per
@@ -18,8 +20,9 @@ agree. Then each side runs --warmup untimed steps and --passes timed passes over
 GPU one side after the other (one model on the GPU at a time, so peak memory is each side's own), on
 a CPU alternating pass by pass (a shared CPU's load drifts; both sides then see the same).
 Throughput counts real (non-padding) tokens; MFU = FLOP/token x tokens/s / peak, with FLOP/token =
-6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and peak 989 TFLOP/s dense bf16 on an H100 (the
-datasheet), also shown against the ~790 an 8192^3 bf16 matmul reaches in practice. A table is printed
+6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and the device's dense bf16/fp16 datasheet peak
+(train.PEAK_FLOPS: 989 TFLOP/s on an H100 SXM), also shown against the ~790 an 8192^3 bf16 matmul
+reaches on an H100 in practice. A table is printed
 last, with the JSON beside it.
 """
 
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset  # noqa: E402
@@ -92,7 +96,7 @@ def peer_loss(model, b, device):
 
 
 def ours_loss(model, b, device):
-    return train.micro_batch_loss(model, b, model.lm_head_weight, device)
+    return train.micro_batch_loss(model, model, b, device)
 
 
 class Side:
@@ -168,6 +172,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --small 1)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16; --small fp32")
     p.add_argument("--json", help="also write the results here")
+    kernels.add_arguments(p, "layer_norm and linear_cross_entropy torch; attention: sdpa, and triton on cuda, "
+                             "one side each")
     args = p.parse_args(argv)
     small = dict(batch_size=2, examples=6, passes=3, warmup=1, dtype="fp32")
     large = dict(batch_size=8, examples=64, passes=5, warmup=3, dtype="bf16")
@@ -182,11 +188,11 @@ def main(argv=None):
     packed, padded, n_examples = batches(shards(args, tok), args)
     config = slm.OPTConfig(**SMALL) if args.small else slm.OPTConfig.preset("opt-350m")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    peak = next((v for k, v in train.PEAK_FLOPS.items() if k in device_name), None) if device.type == "cuda" else None
+    peak = train.peak_flops(device)
 
     # One set of random weights for both sides, through a Hugging Face checkpoint on disk.
     torch.manual_seed(0)
-    ours = slm.OPT(config)
+    ours = slm.OPT(config, kernels=args.kernels)
     ours.init_weights(seed=0)
     checkpoint = Path(tempfile.mkdtemp(prefix="bench_train_step_model_"))
     slm.save_model(ours, checkpoint)
@@ -210,9 +216,12 @@ def main(argv=None):
         raise SystemExit("the two implementations disagree: timings would compare different computations")
 
     # ---- timing
-    sides = [Side("slm packed (sdpa)", ours, ours_loss, packed, device, dtype, attn="sdpa")]
-    if device.type == "cuda":
-        sides.append(Side("slm packed (triton)", ours, ours_loss, packed, device, dtype, attn="triton"))
+    if "attention" in (args.kernels or {}):
+        sides = [Side(f"slm packed ({args.kernels['attention']})", ours, ours_loss, packed, device, dtype)]
+    else:
+        sides = [Side("slm packed (sdpa)", ours, ours_loss, packed, device, dtype, attn="sdpa")]
+        if device.type == "cuda":
+            sides.append(Side("slm packed (triton)", ours, ours_loss, packed, device, dtype, attn="triton"))
     sides.append(Side("transformers padded (sdpa)", peer, peer_loss, padded, device, dtype))
     results = []
     if device.type == "cuda":
@@ -243,7 +252,7 @@ def main(argv=None):
               "model": "opt-350m (random weights)" if not args.small else f"small OPT {SMALL}",
               "dtype": args.dtype, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "examples": n_examples, "packed_micro_batches": len(packed), "padded_micro_batches": len(padded),
-              "gflop_per_token": flop_per_token / 1e9,
+              "kernels": ours.kernels, "gflop_per_token": flop_per_token / 1e9,
               "peak_tflops": peak and peak / 1e12, "loss_check": sums, "results": results,
               "torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps(report, indent=1))

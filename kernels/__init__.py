@@ -20,7 +20,7 @@ from kernels import interpreter_fix
 from kernels.attention import eager_attention, sdpa_attention, triton_attention
 from kernels.reference import (attention_reference, attention_varlen_reference, layer_norm_reference,
                                linear_cross_entropy_reference)
-from kernels.registry import REFERENCE, available, get, register
+from kernels.registry import REFERENCE, add_arguments, available, get, parse, register
 
 register("attention", "eager", eager_attention)
 register("attention", "sdpa", sdpa_attention)
@@ -38,4 +38,4 @@ if importlib.util.find_spec("triton") is not None:
 
 __all__ = ["flash_attention", "flash_attention_varlen", "attention_reference", "attention_varlen_reference",
            "layer_norm_reference", "linear_cross_entropy_reference", "interpreter_fix",
-           "REFERENCE", "available", "get", "register"]
+           "REFERENCE", "add_arguments", "available", "get", "parse", "register"]

@@ -177,8 +177,10 @@ def _check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Tensor],
         raise CheckpointError(f"{source} does not fit its config.json: " + "; ".join(problems))
 
 
-def load_model(path, dtype=torch.float32, device="cpu", attn: str = "sdpa") -> OPT:
-    """An OPT in eval mode with the weights of a Hugging Face checkpoint (directory or hub id)."""
+def load_model(path, dtype=torch.float32, device="cpu", attn: str = "sdpa", kernels: dict[str, str] | None = None,
+               activation_checkpointing: bool = False) -> OPT:
+    """An OPT in eval mode with the weights of a Hugging Face checkpoint (directory or hub id); attn, kernels
+    and activation_checkpointing as slm.OPT takes them."""
     directory = resolve_checkpoint(path)
     if not (directory / CONFIG).is_file():
         raise CheckpointError(f"{directory} has no {CONFIG}: expected a Hugging Face OPT checkpoint directory")
@@ -186,7 +188,7 @@ def load_model(path, dtype=torch.float32, device="cpu", attn: str = "sdpa") -> O
     tensors = _read_tensors(_weight_files(directory), dtype, device)
 
     with torch.device("meta"):
-        model = OPT(config, attn=attn)
+        model = OPT(config, attn=attn, kernels=kernels, activation_checkpointing=activation_checkpointing)
     head = tensors.pop("lm_head.weight", None)
     _check_keys({key: t.shape for key, t in to_hf(model.state_dict()).items()}, tensors, str(directory))
     embed = tensors["model.decoder.embed_tokens.weight"]

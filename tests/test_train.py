@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import slm
 from conftest import REPO, shared_path
 
@@ -97,7 +98,9 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
             assert [g["blocks"] for g in optimizers[1].param_groups] == [1, 3]   # fused q/k/v: 3 matrices
 
 
-def test_untrained_targets_change_neither_loss_nor_gradients():
+@pytest.mark.parametrize("implementation", ["torch", "triton"])
+def test_untrained_targets_change_neither_loss_nor_gradients(implementation):
+    linear_cross_entropy = kernels.get("linear_cross_entropy", implementation)
     torch.manual_seed(0)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     head = torch.randn(50, 8, requires_grad=True)
@@ -107,7 +110,7 @@ def test_untrained_targets_change_neither_loss_nor_gradients():
     labels = targets.flatten()[trained]
 
     def loss_and_grads(h):
-        loss = train.trained_token_loss(h, trained, labels, head)
+        loss = train.trained_token_loss(h, trained, labels, head, linear_cross_entropy)
         return loss, torch.autograd.grad(loss, (hidden, head))
 
     loss, grads = loss_and_grads(hidden)
@@ -122,6 +125,15 @@ def test_untrained_targets_change_neither_loss_nor_gradients():
     torch.testing.assert_close(loss2, loss)
     for g, r in zip(grads2, grads):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA A10G", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)])
+def test_peak_flops_by_device_name_most_specific_first(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops(torch.device("cuda")) == peak
+    assert train.peak_flops(torch.device("cpu")) is None
 
 
 def test_steps_stop_at_epoch_ends_and_positions_resume_the_stream(sft_data):
@@ -139,6 +151,28 @@ def test_steps_stop_at_epoch_ends_and_positions_resume_the_stream(sft_data):
         expected = taken[k + 1][0]
         assert len(micro) == len(expected)
         assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(micro, expected))
+
+
+@pytest.mark.parametrize("lm", [False, True])
+def test_step_gradient_is_that_of_the_mean_loss_per_trained_token(lm, sft_data, models):
+    """Two micro-batches: the step's gradient is that of (summed loss / the step's trained tokens), and
+    the loss, gradient norm and counts it reports are the step's."""
+    model = slm.load_model(models["plain"]).train()
+    batches = iter(PackedLoader(ShardDataset(sft_data), rows=2, seed=0, epochs=None))
+    micro = [next(batches), next(batches)]
+    cfg = train.TrainConfig(lr=1e-3, grad_clip=1e9)
+    cpu = torch.device("cpu")
+    total = sum(train.micro_batch_loss(model, model, b, cpu, lm)[0] for b in micro)
+    n = sum(b.n_tokens if lm else b.n_trained for b in micro)
+    grads = torch.autograd.grad(total / n, list(model.parameters()))
+    expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    result = train.train_step(micro, lm, 0.0, model, model, train.make_optimizers(model, cfg),
+                              torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
+                              cfg, train.Processes(1, 0, 0, cpu, torch.float32))
+    assert result["loss"] == pytest.approx(total.item() / n, rel=1e-6)
+    assert result["gnorm"] == pytest.approx(expected_norm.item(), rel=1e-5)
+    assert (result["trained"], result["tokens"]) == (n, sum(b.n_tokens for b in micro)) and result["finite"]
 
 
 # ------------------------------------------------------------------------------------ whole runs
@@ -249,6 +283,91 @@ def test_sigkill_then_resume_reproduces_every_loss(sft_data, models, tmp_path):
 
     subprocess.run(subprocess_args([*args, "--out", str(killed), "--resume"]), check=True, capture_output=True)
     assert losses(killed) == reference   # bit for bit, steps 1..6
+
+
+# ------------------------------------------------------------------- kernels, checkpointing, memory
+
+# Three steps of one 2048-token row with dropout (checkpointing must redraw the same masks), a checkpoint
+# after step 2.
+RUN_3_STEPS = ["--batch-size", "1", "--grad-accum", "1", "--max-steps", "3", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_3(tmp_path_factory, sft_data, models):
+    out = tmp_path_factory.mktemp("run_3")
+    run_train(["--model", str(models["dropout"]), "--data", str(sft_data), "--out", str(out), *RUN_3_STEPS])
+    return out
+
+
+def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, capsys):
+    reference, calls = kernels.get("linear_cross_entropy", "torch"), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return reference(*args, **kwargs)
+
+    kernels.register("linear_cross_entropy", "test_counted", counted)
+    run_train(["--model", str(models["plain"]), "--data", str(sft_data), "--out", str(tmp_path),
+               "--batch-size", "1", "--grad-accum", "1", "--max-steps", "1",
+               "--kernels", "attention=sdpa,linear_cross_entropy=test_counted", "--attn", "eager"])  # later wins
+    resolved = {"attention": "eager", "layer_norm": "torch", "linear_cross_entropy": "test_counted"}
+    assert "kernels attention=eager,layer_norm=torch,linear_cross_entropy=test_counted" in capsys.readouterr().out
+    assert calls == [1]     # the step's loss went through the chosen implementation
+    assert json.loads((tmp_path / "train_config.json").read_text())["kernels"] == resolved
+    ckpt = train.checkpoint_dirs(tmp_path)[-1]
+    assert json.loads((ckpt / "config.json").read_text())["kernels"] == resolved
+
+
+def test_cpu_default_attention_is_sdpa(run_3):
+    saved = json.loads((run_3 / "train_config.json").read_text())["kernels"]
+    assert saved == {"attention": "sdpa", "layer_norm": "torch", "linear_cross_entropy": "torch"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kernels", "attention=nope"], "unknown attention implementation 'nope'; registered are attention: eager"),
+    (["--kernels", "fused_mlp=triton"], "unknown op 'fused_mlp'"),
+    (["--kernels", "layer_norm"], "'layer_norm' is not op=name"),
+    (["--attn", "nope"], "unknown attention implementation 'nope'")])
+def test_unknown_kernels_are_the_commands_error(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_activation_checkpointing_gives_the_same_losses(run_3, sft_data, models, tmp_path, capsys):
+    run_train(["--model", str(models["dropout"]), "--data", str(sft_data), "--out", str(tmp_path), *RUN_3_STEPS,
+               "--activation-checkpointing"])
+    assert ", activation checkpointing" in capsys.readouterr().out
+    assert json.loads((tmp_path / "train_config.json").read_text())["activation_checkpointing"] is True
+    assert sorted(losses(run_3)) == [1, 2, 3]
+    for key in ("loss", "gnorm"):
+        assert losses(tmp_path, key) == losses(run_3, key)   # fp32 on CPU: bit for bit
+
+
+def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, models, tmp_path):
+    sdpa, calls = kernels.get("attention", "sdpa"), []
+
+    def runs_out_at_step_3(q, k, v, **kwargs):   # one layer, one micro-batch: one call per step
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                         "capacity of 23.68 GiB of which 1.02 GiB is free. (...)")
+        return sdpa(q, k, v, **kwargs)
+
+    kernels.register("attention", "test_out_of_memory", runs_out_at_step_3)
+    args = ["--model", str(models["dropout"]), "--data", str(sft_data), "--out", str(tmp_path), *RUN_3_STEPS]
+    with pytest.raises(SystemExit) as stop:
+        run_train([*args, "--kernels", "attention=test_out_of_memory"])
+    message = str(stop.value)
+    for part in ("step 3 ran out of cpu memory (Tried to allocate 20.00 GiB) with",
+                 "micro-batches of 1 rows x 2048 tokens, 1 of them a step", "GiB so far",
+                 "--activation-checkpointing", "--kernels linear_cross_entropy=triton", "--batch-size",
+                 f"--resume continues from the last intact checkpoint, {tmp_path / 'checkpoints' / 'step_00000002'}"):
+        assert part in message, message
+    assert "\n" not in message and not (tmp_path / "final").exists()
+
+    run_train([*args, "--resume"])     # attention back to the default, as the message suggests changing flags
+    assert losses(tmp_path) == losses(run_3)
 
 
 # ------------------------------------------------------------------------------- up-front errors
