@@ -520,6 +520,43 @@ def _by(key, items) -> dict[str, list]:
 
 # ============================================================================ main
 
+def run_suite(args, decoder: Decoder, key: str | None, skipped: list) -> tuple[dict, dict]:
+    """Run args.suite, write its per-item records (and the judge's input) under args.out; return the
+    metrics (per subset, overall)."""
+    out = args.out
+    if args.suite == "replay":
+        items = replay_items(args.data, args.tools, args.limit, args.skip_bad, skipped)
+        records = run_replay(items, decoder)
+        groups = _by(lambda r: r["source"], records)
+        for name, rs in groups.items():
+            write_jsonl(out / "records" / f"{name}.jsonl", rs)
+        return {name: replay_metrics(rs) for name, rs in groups.items()}, replay_metrics(records)
+    if args.suite == "stabletoolbench":
+        make_env = recorded_env if not args.tool_server else (
+            lambda query: server_env(query, args.tool_server, key, args.tool_timeout))
+        episodes = stabletoolbench_episodes(args.data, args.tools, args.limit, args.skip_bad, skipped, make_env)
+    else:
+        episodes = synthetic_episodes(args.data, args.limit, args.skip_bad, skipped)
+    run_episodes(episodes, decoder, args.max_steps, args.suite, workers=args.tool_workers if args.tool_server else 1)
+    groups = _by(lambda e: e.subset, episodes)
+    if args.suite == "synthetic":
+        scores = synthetic_scores(episodes)
+        subsets = {name: synthetic_metrics(es, scores) for name, es in groups.items()}
+        overall = synthetic_metrics(episodes, scores)
+    else:
+        subsets = {name: episode_metrics(es) for name, es in groups.items()}
+        overall = episode_metrics(episodes)
+    for name, es in groups.items():
+        records = [episode_record(e) for e in es]
+        if args.suite == "synthetic":
+            for record, e in zip(records, es):
+                record["score"] = scores[e.query_id]
+        write_jsonl(out / "records" / f"{name}.jsonl", records)
+        if args.suite == "stabletoolbench":
+            write_judge_input(out, name, es)
+    return subsets, overall
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # Taken out of args before anything prints or saves them: the key goes to the tool server only.
@@ -546,40 +583,7 @@ def main(argv=None) -> dict:
     skipped: list[str] = []
     out = args.out
     try:
-        if args.suite == "replay":
-            items = replay_items(args.data, args.tools, args.limit, args.skip_bad, skipped)
-            records = run_replay(items, decoder)
-            groups = _by(lambda r: r["source"], records)
-            subsets = {name: replay_metrics(rs) for name, rs in groups.items()}
-            overall = replay_metrics(records)
-            for name, rs in groups.items():
-                write_jsonl(out / "records" / f"{name}.jsonl", rs)
-        else:
-            if args.suite == "stabletoolbench":
-                make_env = recorded_env if not args.tool_server else (
-                    lambda query: server_env(query, args.tool_server, key, args.tool_timeout))
-                episodes = stabletoolbench_episodes(args.data, args.tools, args.limit, args.skip_bad, skipped,
-                                                    make_env)
-            else:
-                episodes = synthetic_episodes(args.data, args.limit, args.skip_bad, skipped)
-            run_episodes(episodes, decoder, args.max_steps, args.suite,
-                         workers=args.tool_workers if args.tool_server else 1)
-            groups = _by(lambda e: e.subset, episodes)
-            if args.suite == "synthetic":
-                scores = synthetic_scores(episodes)
-                subsets = {name: synthetic_metrics(es, scores) for name, es in groups.items()}
-                overall = synthetic_metrics(episodes, scores)
-            else:
-                subsets = {name: episode_metrics(es) for name, es in groups.items()}
-                overall = episode_metrics(episodes)
-            for name, es in groups.items():
-                records = [episode_record(e) for e in es]
-                if args.suite == "synthetic":
-                    for record, e in zip(records, es):
-                        record["score"] = scores[e.query_id]
-                write_jsonl(out / "records" / f"{name}.jsonl", records)
-                if args.suite == "stabletoolbench":
-                    write_judge_input(out, name, es)
+        subsets, overall = run_suite(args, decoder, key, skipped)
     except InputError as err:
         raise SystemExit(f"evaluate.py: {err}") from None
 

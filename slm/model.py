@@ -7,9 +7,9 @@ Hugging Face's `OPTForCausalLM` computes.
     logits = model(new_ids, attention_mask=mask, cache=cache)  # decoding with a KV cache
     logits = model(new_ids, attention_mask=full_mask, cache=cache, cache_position=pos)  # static shapes
 
-The OPT quirks (see docs/OPT.md): learned positions offset by 2 and computed from the attention mask
-(so left padding gives the first real token position 0); queries scaled after their bias; post-LN for
-opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m; the LM head tied
+The OPT quirks (as in Hugging Face's modeling_opt.py): learned positions offset by 2 and computed from
+the attention mask (so left padding gives the first real token position 0); queries scaled after their
+bias; post-LN for opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m; the LM head tied
 to the token embedding. Attention and LayerNorm run through the kernel registry (`kernels/`), chosen by
 name per op, so a kernel is swapped without editing this file:
 
