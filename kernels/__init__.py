@@ -11,7 +11,8 @@
 
 On CPU tensors the kernels need TRITON_INTERPRET=1 set before triton is imported; otherwise they raise
 a RuntimeError saying so. triton installs on Linux x86-64 only; without it the registry and the torch
-implementations still work (slm needs them) and only the "triton" implementations are missing. Tests: `pytest tests/test_registry.py tests/test_flash_attention.py`.
+implementations still work (slm needs them) and only the "triton" implementations are missing.
+Tests: `pytest tests/test_registry.py tests/test_kernel_conformance.py tests/test_flash_attention.py`.
 """
 
 import importlib.util

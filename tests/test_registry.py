@@ -118,6 +118,7 @@ def test_packed_rows_refuse_a_mask_and_triton_refuses_dropout():
     q, k, v = _qkv(4, 2, 16)
     cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="take no mask"):
-        kernels.get("attention", "sdpa")(q, k, v, cu_seqlens=cu, max_seqlen=4, mask=torch.ones(4, 4, dtype=torch.bool, device=DEVICE))
+        kernels.get("attention", "sdpa")(q, k, v, cu_seqlens=cu, max_seqlen=4,
+                                         mask=torch.ones(4, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="no attention dropout"):
         kernels.get("attention", "triton")(q, k, v, cu_seqlens=cu, max_seqlen=4, dropout_p=0.1)
