@@ -1,5 +1,6 @@
 """The model against transformers' OPTForCausalLM: logits, loss and gradients, every config and padding;
-its kernels chosen by name from the registry, and activation checkpointing."""
+its kernels chosen by name from the registry, and activation checkpointing. The tests marked `gpu` run on
+CUDA where there is one (fp32 matmuls stay fp32 there: torch leaves TF32 off for them by default)."""
 
 import pytest
 import torch
@@ -36,11 +37,14 @@ def tiny(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), TINY_CONFIGS[request.param])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_logits_and_loss_match_transformers(tiny, attn):
+def test_logits_and_loss_match_transformers(tiny, attn, device):
     hf, path = tiny
-    model = slm.load_model(path, attn=attn)
+    hf.to(device)
+    model = slm.load_model(path, attn=attn, device=device)
     for name, ids, mask in batches(hf.config.vocab_size):
+        ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             ref = hf(input_ids=ids, attention_mask=mask).logits
             out = model(ids, mask)
@@ -54,10 +58,13 @@ def test_logits_and_loss_match_transformers(tiny, attn):
         assert abs(loss.item() - ref_loss.item()) <= 1e-5, f"{name}: loss {loss.item()} vs {ref_loss.item()}"
 
 
-def test_gradients_match_transformers(tiny):
+@pytest.mark.gpu
+def test_gradients_match_transformers(tiny, device):
     hf, path = tiny
-    model = slm.load_model(path, attn="sdpa")
+    hf.to(device)
+    model = slm.load_model(path, attn="sdpa", device=device)
     _, ids, mask = list(batches(hf.config.vocab_size))[1]  # right-padded
+    ids, mask = ids.to(device), mask.to(device)
     labels = ids.masked_fill(mask == 0, -100)
     hf.zero_grad()
     hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -96,11 +103,13 @@ def test_left_padding_equals_unpadded_sequence(tiny):
         torch.testing.assert_close(model(padded, mask)[:, 4:], model(ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_kv_cache_decoding_equals_full_forward(tiny, attn):
+def test_kv_cache_decoding_equals_full_forward(tiny, attn, device):
     hf, path = tiny
-    model = slm.load_model(path, attn=attn)
+    model = slm.load_model(path, attn=attn, device=device)
     _, ids, mask = list(batches(hf.config.vocab_size))[2]  # left-padded
+    ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         full = model(ids, mask)
         cache = model.new_kv_cache(3, 16)
@@ -119,18 +128,20 @@ def test_kv_cache_overflow_is_an_error(tiny):
         model(torch.randint(3, 90, (1, 5)), cache=cache)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_sequences_equal_separate_forwards(tiny, attn):
+def test_packed_sequences_equal_separate_forwards(tiny, attn, device):
     _, path = tiny
-    model = slm.load_model(path, attn=attn)
-    ids = torch.randint(3, 90, (2, 10))
-    cu = torch.tensor([0, 3, 4, 10, 17, 20], dtype=torch.int32)  # 5 sequences, one of length 1
+    model = slm.load_model(path, attn=attn, device=device)
+    ids = torch.randint(3, 90, (2, 10), device=device)
+    cu = torch.tensor([0, 3, 4, 10, 17, 20], dtype=torch.int32, device=device)  # 5 sequences, one of length 1
+    atol = 1e-5 if device.type == "cpu" else 2e-3   # on CUDA packed rows run our kernel, whose fp32 dot is TF32
     with torch.no_grad():
         packed = model(ids, cu_seqlens=cu, max_seqlen=7).flatten(0, 1)
         flat = ids.flatten()
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
             alone = model(flat[start:end][None])[0]
-            torch.testing.assert_close(packed[start:end], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed[start:end], alone, atol=atol, rtol=0)
 
 
 def test_packed_sdpa_gradients_equal_eager(tiny):
