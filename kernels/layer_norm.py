@@ -41,8 +41,9 @@ import triton.language as tl
 
 from kernels import runtime
 
-# One row per program, held in registers: at 8192 the backward uses ~120 registers a thread on sm_86/sm_90
-# (ptxas, no spills). Wider rows would need a kernel that loops over column blocks.
+# One row per program, held in registers: at 8192 the fp32 backward uses 110 registers a thread on sm_86 and
+# 117 on sm_90, without spills (`python -m kernels.compile_check 90 --ops layer_norm`). Wider rows would
+# need a kernel that loops over column blocks.
 MAX_WIDTH = 8192
 
 # ---------------------------------------------------------------------------------------------------
