@@ -17,7 +17,8 @@ the real FLOPs, sum over sequences of 4 * H * L^2 * D (halved when causal); padd
 --compile-only ARCH (80 A100, 86 A10G / RTX 30xx, 89 L4 / RTX 40xx, 90 H100 / H200) runs every variant
 the model can request (fp16 / bf16 / fp32, head dims 32 / 64 / 80 / 128, causal or not, dense or packed)
 through the kernels' own launchers, forward and backward, on a stand-in for that GPU
-(kernels/compile_check.py): the launchers choose their settings for it and Triton specialises and
+(kernels/compile_check.py, whose `python -m kernels.compile_check ARCH` also checks the other
+kernels): the launchers choose their settings for it and Triton specialises and
 compiles as on the device. It prints each distinct kernel's shared memory against the limit, registers
 and spills (ptxas -v), and exits non-zero when one is over the limit. This catches on a machine without
 a GPU what the CPU interpreter cannot see (types, layouts, resources). About 5 minutes per architecture
@@ -28,7 +29,6 @@ so inputs are not rotated.
 """
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -37,28 +37,12 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.testing
 
-# --check-only on a machine without CUDA runs the kernels through Triton's interpreter, which must be
-# chosen before triton is first imported (kernels imports it).
-CPU_CHECK = "--check-only" in sys.argv and not torch.cuda.is_available()
-if CPU_CHECK:
-    os.environ["TRITON_INTERPRET"] = "1"
-elif "--check-only" not in sys.argv and os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("bench/attention.py: timing and --compile-only need the real compiler; unset TRITON_INTERPRET")
-
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
-from kernels import (  # noqa: E402
-    attention_reference,
-    attention_varlen_reference,
-    flash_attention,
-    flash_attention_varlen,
-)
-from kernels import compile_check  # noqa: E402
-from kernels.reference import outputs_and_gradients  # noqa: E402
-# The module itself (kernels and launch_config); `kernels.flash_attention` is the function.
-fa = importlib.import_module("kernels.flash_attention")
+from kernels import attention_reference, attention_varlen_reference, compile_check, flash_attention, \
+    flash_attention_varlen, runtime
+from kernels.reference import outputs_and_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS_PER_BATCH = 16 * 1024
@@ -104,10 +88,13 @@ def compare(kernel_fn, reference_fn, inputs) -> dict:
 
 
 def check_correctness(device: str) -> list[dict]:
+    """Every dtype, head dims 64 / 80 / 128, causal or not, dense and packed; on CPU (the interpreter)
+    head dim 64 and short sequences only."""
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    head_dims = [64] if CPU_CHECK else [64, 80, 128]
-    seq_len = 37 if CPU_CHECK else 300
-    lengths = [5, 1, 70, 33] if CPU_CHECK else [300, 1, 1000, 77, 513]
+    cpu = device == "cpu"
+    head_dims = [64] if cpu else [64, 80, 128]
+    seq_len = 37 if cpu else 300
+    lengths = [5, 1, 70, 33] if cpu else [300, 1, 1000, 77, 513]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     results = []
     for dtype in dtypes:
@@ -136,59 +123,6 @@ def check_correctness(device: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (no GPU)
-# ---------------------------------------------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MODEL_HEAD_DIMS = [32, 64, 80, 128]  # every head dim the model's configs use (OPT-350M: 64)
-
-
-def launch_variant(dtype, head_dim: int, causal: bool, packed: bool):
-    """One forward and backward through the kernels' own launchers, on meta tensors shaped as the model
-    passes them (16 heads; dense rows or packed sequences), for kernels.compile_check."""
-    heads, seq_len, batch = 16, 256, 2
-    if packed:
-        shape, cu_seqlens = (batch * seq_len, heads, head_dim), [0, 100, batch * seq_len]
-    else:
-        shape, cu_seqlens = (batch, heads, seq_len, head_dim), [0, seq_len, batch * seq_len]
-    q, k, v = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(3))
-    cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32, device="meta")
-    args = (cu_seqlens, seq_len, causal, head_dim ** -0.5, not packed)
-    o, lse = fa._forward(q, k, v, *args)
-    fa._backward(torch.empty_like(o), q, k, v, o, lse, *args)
-
-
-def compile_all(arch: int, dtypes: list[str], head_dims: list[int]) -> list[dict]:
-    """Compile every kernel each variant launches for sm_<arch> (see kernels/compile_check.py); one row
-    per distinct kernel, with shared memory against the limit, registers and spills."""
-    rows, seen = [], set()
-    for dtype_name in dtypes:
-        for head_dim in head_dims:
-            for causal in (True, False):
-                for packed in (False, True):
-                    variant = dict(dtype=dtype_name, head_dim=head_dim, causal=causal,
-                                   layout="packed" if packed else "dense")
-                    compiled = compile_check.compile_launch(
-                        lambda: launch_variant(DTYPES[dtype_name], head_dim, causal, packed), arch)
-                    for kernel in compiled:
-                        if kernel.hash in seen:  # e.g. packed and dense rows compile to one kernel
-                            continue
-                        seen.add(kernel.hash)
-                        row = dict(variant, kernel=kernel.kernel, ok=kernel.fits, shared_bytes=kernel.shared,
-                                   shared_limit=kernel.shared_limit, registers=kernel.registers,
-                                   spill_stores=kernel.spill_stores, spill_loads=kernel.spill_loads,
-                                   num_warps=kernel.num_warps, num_stages=kernel.num_stages,
-                                   blocks={n: v for n, v in kernel.constants.items() if n.startswith("BLOCK")})
-                        rows.append(row)
-                        print(f"sm_{arch} {row['kernel']:24s} {dtype_name:8s} D={head_dim:3d} "
-                              f"causal={causal!s:5s} shared {row['shared_bytes']:7,d} / {row['shared_limit']:,d} B "
-                              f"regs {row['registers']:3d} spills {row['spill_stores']:3d} B "
-                              f"warps {row['num_warps']} stages {row['num_stages']} "
-                              f"{'ok' if row['ok'] else 'OVER THE LIMIT (the launch stops here)'}", flush=True)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
 
@@ -202,14 +136,15 @@ def sdpa_fn(backend):
     return attend
 
 
-def time_fwd_bwd(attend, inputs) -> dict:
-    """Median ms of forward, backward (from a saved graph) and both, via triton.testing.do_bench."""
+def time_fwd_bwd(attend, inputs, bench=triton.testing.do_bench) -> dict:
+    """Median ms of forward, backward (from a saved graph) and both, timed by `bench` (do_bench's
+    signature: bench(fn, grad_to_none=...) -> ms)."""
     q, k, v = (x.detach().requires_grad_() for x in inputs)
-    fwd = triton.testing.do_bench(lambda: attend(q, k, v))
+    fwd = bench(lambda: attend(q, k, v))
     out = attend(q, k, v)
     grad_out = torch.randn_like(out)
-    bwd = triton.testing.do_bench(lambda: out.backward(grad_out, retain_graph=True), grad_to_none=[q, k, v])
-    both = triton.testing.do_bench(lambda: attend(q, k, v).backward(grad_out), grad_to_none=[q, k, v])
+    bwd = bench(lambda: out.backward(grad_out, retain_graph=True), grad_to_none=[q, k, v])
+    both = bench(lambda: attend(q, k, v).backward(grad_out), grad_to_none=[q, k, v])
     return dict(fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both)
 
 
@@ -228,18 +163,19 @@ def sdpa_backends() -> dict:
     return backends
 
 
-def bench_dense(dtype, device="cuda", tokens=TOKENS_PER_BATCH, seq_lens=(512, 1024, 2048)) -> list[dict]:
+def bench_dense(dtype, device="cuda", tokens=TOKENS_PER_BATCH, seq_lens=(512, 1024, 2048), heads=HEADS,
+                bench=triton.testing.do_bench) -> list[dict]:
     rows = []
     for seq_len in seq_lens:
         batch = tokens // seq_len
-        inputs = [torch.randn(batch, HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
-        flops = attention_flops([seq_len] * batch, HEADS, HEAD_DIM, causal=True)
+        inputs = [torch.randn(batch, heads, seq_len, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+        flops = attention_flops([seq_len] * batch, heads, HEAD_DIM, causal=True)
         impls = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True)}
         impls.update({name: sdpa_fn(backend) for name, backend in sdpa_backends().items()})
         for name, attend in impls.items():
             row = dict(case=f"dense B={batch} T={seq_len}", impl=name)
             try:
-                row.update(time_fwd_bwd(attend, inputs))
+                row.update(time_fwd_bwd(attend, inputs, bench))
             except RuntimeError as error:  # a backend this GPU / build lacks: record it, keep going
                 row["error"] = str(error).splitlines()[0]
                 rows.append(row)
@@ -259,34 +195,35 @@ def realistic_lengths(total: int, max_len: int, seed: int = 0) -> list[int]:
     return lengths
 
 
-def bench_varlen(dtype, device="cuda", tokens=TOKENS_PER_BATCH, row_len=2048) -> list[dict]:
+def bench_varlen(dtype, device="cuda", tokens=TOKENS_PER_BATCH, row_len=2048, heads=HEADS,
+                 bench=triton.testing.do_bench) -> list[dict]:
     rows = []
     lengths = realistic_lengths(tokens, row_len)
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    flops = attention_flops(lengths, HEADS, HEAD_DIM, causal=True)
+    flops = attention_flops(lengths, heads, HEAD_DIM, causal=True)
     mix = f"{len(lengths)} seqs, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}"
 
-    packed = [torch.randn(tokens, HEADS, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+    packed = [torch.randn(tokens, heads, HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
     row = dict(case=f"packed mix ({mix})", impl="triton varlen")
-    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths)), packed))
+    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths)), packed, bench))
     rows.append(with_tflops(row, flops))
 
     # The same sequences as a padded batch: every one padded to the longest, FLOPs counted on real tokens.
-    padded = [torch.randn(len(lengths), HEADS, max(lengths), HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
+    padded = [torch.randn(len(lengths), heads, max(lengths), HEAD_DIM, dtype=dtype, device=device) for _ in range(3)]
     impls = {"triton dense": lambda q, k, v: flash_attention(q, k, v, causal=True),
              "sdpa-flash": sdpa_fn(sdpa_backends()["sdpa-flash"])}
     for name, attend in impls.items():
         row = dict(case=f"padded to {max(lengths)} (same mix)", impl=name)
-        row.update(time_fwd_bwd(attend, padded))
+        row.update(time_fwd_bwd(attend, padded, bench))
         rows.append(with_tflops(row, flops))
 
     # Equal real tokens, equal lengths: varlen over 8 x 2048 against the dense kernel's T=2048 row.
     seq_len = row_len
     batch = tokens // seq_len
     even_cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
-    flops = attention_flops([seq_len] * batch, HEADS, HEAD_DIM, causal=True)
+    flops = attention_flops([seq_len] * batch, heads, HEAD_DIM, causal=True)
     row = dict(case=f"packed {batch} x {seq_len}", impl="triton varlen")
-    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, even_cu, seq_len), packed))
+    row.update(time_fwd_bwd(lambda q, k, v: flash_attention_varlen(q, k, v, even_cu, seq_len), packed, bench))
     rows.append(with_tflops(row, flops))
     return rows
 
@@ -314,28 +251,29 @@ def main() -> None:
                         choices=sorted(compile_check.SHARED_MEMORY),
                         help="compile every kernel variant for this compute capability (86 = A10G, 90 = H100), "
                              "print shared memory, registers and spills, and fail if one is over the limit")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES),
-                        help="dtypes for --compile-only (default: all)")
-    parser.add_argument("--head-dims", nargs="+", type=int, default=MODEL_HEAD_DIMS,
-                        help=f"head dims for --compile-only (default: {MODEL_HEAD_DIMS})")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(compile_check.DTYPES),
+                        default=sorted(compile_check.DTYPES), help="dtypes for --compile-only (default: all)")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=compile_check.HEAD_DIMS,
+                        help=f"head dims for --compile-only (default: {compile_check.HEAD_DIMS})")
     args = parser.parse_args()
 
+    cpu_check = args.check_only and not torch.cuda.is_available()
+    if cpu_check and not runtime.interpreted():
+        # Triton's interpreter is chosen when the kernels are built, at import: run this command again
+        # with it on, as `TRITON_INTERPRET=1 python bench/attention.py --check-only` would.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
+    if not args.check_only and runtime.interpreted():
+        sys.exit("bench/attention.py: timing and --compile-only need the real compiler; unset TRITON_INTERPRET")
+
     if args.compile_only is not None:
-        results = compile_all(args.compile_only, args.dtypes, args.head_dims)
-        failed = [row for row in results if not row["ok"]]
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=dict(target=f"sm_{args.compile_only}", commit=git_commit(),
-                                     triton=triton.__version__), compiled=results), f, indent=2)
-        if failed:
-            sys.exit(f"bench/attention.py: {len(failed)} of {len(results)} kernels do not fit sm_{args.compile_only} "
-                     f"(shared memory over {compile_check.SHARED_MEMORY[args.compile_only]:,d} B); wrote {args.out}")
-        print(f"all {len(results)} kernels fit sm_{args.compile_only}; wrote {args.out}")
+        rows = compile_check.check(args.compile_only, compile_check.attention_variants(args.dtypes, args.head_dims))
+        compile_check.write_report(args.out, args.compile_only, rows, "bench/attention.py", commit=git_commit())
         return
 
-    if not CPU_CHECK and not torch.cuda.is_available():
+    if not cpu_check and not torch.cuda.is_available():
         sys.exit("bench/attention.py: timing needs a CUDA GPU; use --check-only on CPU")
-    device = "cpu" if CPU_CHECK else "cuda"
-    device_name = "cpu (Triton interpreter)" if CPU_CHECK else torch.cuda.get_device_name()
+    device = "cpu" if cpu_check else "cuda"
+    device_name = "cpu (Triton interpreter)" if cpu_check else torch.cuda.get_device_name()
     meta = dict(device=device_name, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"device {meta['device']} | commit {meta['commit']} | torch {meta['torch']} | triton {meta['triton']}")

@@ -90,10 +90,6 @@ class Context:
         import torch
 
         self.dry, self.workdir, self.partial_file = dry, workdir, partial_file
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            from kernels import interpreter_fix   # triton 3.6's interpreter vs numpy >= 2.4
-
-            interpreter_fix.apply()
         self.device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
         self.cuda = self.device == "cuda"
 
@@ -115,17 +111,10 @@ def accepts(fn, name: str) -> bool:
 
 
 def import_bench(name: str):
-    """bench/<name>.py as a module. bench/attention.py chooses Triton's interpreter from its own command
-    line at import (--check-only on a machine without CUDA); a dry run is that case, so it is shown one."""
+    """bench/<name>.py as a module."""
     import importlib
 
-    argv = sys.argv
-    if name == "attention" and os.environ.get("TRITON_INTERPRET") == "1":
-        sys.argv = [str(REPO / "bench" / "attention.py"), "--check-only"]
-    try:
-        return importlib.import_module(f"bench.{name}")
-    finally:
-        sys.argv = argv
+    return importlib.import_module(f"bench.{name}")
 
 
 def toolbench_shards(directory: Path, examples: int, max_len: int, vocab_size: int, fingerprint: str,
@@ -216,7 +205,7 @@ def host_do_bench(fn, grad_to_none=None, **_) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def check_timed_kernels(attention, device: str, dry: bool) -> list[dict]:
+def check_timed_kernels(attention, device: str, dry: bool, heads: int) -> list[dict]:
     """Correctness of what is timed (bf16, D=64, causal, dense and packed) against the fp32 reference,
     forward and gradients, through bench/attention.py's `compare`. Its `check_correctness` covers every
     dtype and head dim, which the gpu tests also do: compiling all of them would eat this section's time."""
@@ -234,10 +223,10 @@ def check_timed_kernels(attention, device: str, dry: bool) -> list[dict]:
     cases = {
         "dense": (lambda q, k, v: flash_attention(q, k, v, causal=True),
                   lambda q, k, v: attention_reference(q, k, v, causal=True),
-                  inputs(2, attention.HEADS, seq_len, attention.HEAD_DIM)),
+                  inputs(2, heads, seq_len, attention.HEAD_DIM)),
         "varlen": (lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=True),
                    lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, max(lengths), causal=True),
-                   inputs(sum(lengths), attention.HEADS, attention.HEAD_DIM)),
+                   inputs(sum(lengths), heads, attention.HEAD_DIM)),
     }
     rows = []
     for layout, (kernel, reference, tensors) in cases.items():
@@ -253,17 +242,17 @@ def section_attention(ctx: Context) -> dict:
     import torch
 
     attention = import_bench("attention")
-    if ctx.dry:
-        attention.triton.testing.do_bench = host_do_bench   # the same calls, timed by the host clock
-        attention.HEADS = 2   # the interpreter runs one program per head at a time: 16 would take minutes
-    checks = check_timed_kernels(attention, ctx.device, ctx.dry)
+    # The dry run times the same calls by the host clock, with 2 heads: the interpreter runs one program
+    # per head at a time, and 16 would take minutes.
+    timing = dict(heads=2, bench=host_do_bench) if ctx.dry else dict(heads=attention.HEADS)
+    checks = check_timed_kernels(attention, ctx.device, ctx.dry, timing["heads"])
     result = {"checks": checks}
     if not all(row["ok"] for row in checks):
         return {**result, "status": "failed", "error": "correctness checks failed: no timings taken"}
     tokens, seq_lens = (128, (32, 64)) if ctx.dry else (attention.TOKENS_PER_BATCH, (512, 1024, 2048))
-    rows = attention.bench_dense(torch.bfloat16, ctx.device, tokens, seq_lens)
+    rows = attention.bench_dense(torch.bfloat16, ctx.device, tokens, seq_lens, **timing)
     ctx.save_partial({**result, "rows": rows})
-    rows += attention.bench_varlen(torch.bfloat16, ctx.device, tokens, row_len=seq_lens[-1])
+    rows += attention.bench_varlen(torch.bfloat16, ctx.device, tokens, row_len=seq_lens[-1], **timing)
 
     def row(case, impl):
         return next((r for r in rows if r["case"] == case and r["impl"] == impl and "error" not in r), None)
@@ -404,20 +393,19 @@ def section_decode(ctx: Context) -> dict:
 
     for batch in batches:
         prompts = decode.make_prompts(batch, prompt_len, config.vocab_size, seed=batch)
-        ours_s, hf_s, ours_tokens, hf_tokens = decode.timed_pair(
-            eager, lambda: decode.hf_generate(hf, prompts, new_tokens, ctx.device), ctx.device, repeats)
+        sides = {"eager": eager, "hf": lambda: decode.hf_generate(hf, prompts, new_tokens, ctx.device)}
+        if captured:
+            sides["captured"] = lambda: slm.generate(ours, prompts, new_tokens, eos_id=None, compile=True)
+        times, tokens_of, _ = decode.timed(sides, ctx.device, repeats)   # interleaved, after one warm-up each
+        ours_s, hf_s, ours_tokens, hf_tokens = times["eager"], times["hf"], tokens_of["eager"], tokens_of["hf"]
         tokens = batch * new_tokens
         equal = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y)) / tokens
         row = {"batch": batch, "hf_ms_per_token": 1e3 * statistics.median(hf_s) / new_tokens,
                "eager_ms_per_token": 1e3 * statistics.median(ours_s) / new_tokens,
                "eager_equal_to_hf": equal}
         if captured:
-            # Interleaved with eager decoding (the timings of that second side are the first pair's again).
-            cap_s, _, cap_tokens, eager_tokens = decode.timed_pair(
-                lambda: slm.generate(ours, prompts, new_tokens, eos_id=None, compile=True), eager,
-                ctx.device, repeats)
-            row["captured_ms_per_token"] = 1e3 * statistics.median(cap_s) / new_tokens
-            row["captured_equal_to_eager"] = cap_tokens == eager_tokens
+            row["captured_ms_per_token"] = 1e3 * statistics.median(times["captured"]) / new_tokens
+            row["captured_equal_to_eager"] = tokens_of["captured"] == ours_tokens
             if not row["captured_equal_to_eager"]:
                 result["status"] = "failed"
                 result["error"] = f"batch {batch}: captured decoding's tokens differ from eager decoding's"

@@ -1,8 +1,18 @@
 """Compile Triton launchers for a GPU architecture on a machine without one, as the runtime would.
 
+    PYTHONPATH=. python -m kernels.compile_check 86 [--ops layer_norm linear_cross_entropy] [--out FILE]
+
     from kernels.compile_check import compile_launch
     for k in compile_launch(lambda: my_launcher(*meta_tensors), arch=86):
         print(k.kernel, k.shared, k.registers, k.spill_stores, k.fits)
+
+The command compiles every variant the model can request of every Triton kernel in kernels/ (VARIANTS:
+attention's dtypes x head dims x causal x dense/packed; layer_norm's dtypes x widths 64 / 80 / 1024 /
+8192 x residual x affine; linear_cross_entropy's dtypes x vocabularies 50,272 / 1,000 x the three ways
+its kernel is launched), forward and backward, prints each distinct kernel's shared memory against the
+limit, registers and spills, writes them as JSON, and exits non-zero when one is over the limit. On 2
+CPU cores, per architecture: attention about 5 minutes (alone: `bench/attention.py --compile-only ARCH`),
+layer_norm and linear_cross_entropy under 2 more; compiles are cached on disk, so a rerun takes seconds.
 
 `compile_launch(launch, arch)` runs `launch` (any call of a kernel's launcher, on meta tensors) with
 Triton's driver replaced by a stand-in for one sm_<arch> GPU. Everything up to the launch is Triton's
@@ -24,17 +34,31 @@ The limits are the opt-in shared memory per block of each architecture (CUDA pro
 TRITON_INTERPRET must be unset: the interpreter builds no GPU code.
 """
 
+import argparse
+import functools
+import importlib
 import itertools
+import json
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
+
+from kernels import runtime
+
+# The modules (their launchers), not the functions `kernels` exports under the same names.
+flash_attention = importlib.import_module("kernels.flash_attention")
+layer_norm = importlib.import_module("kernels.layer_norm")
+linear_cross_entropy = importlib.import_module("kernels.linear_cross_entropy")
 
 SHARED_MEMORY = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # bytes per block, opt-in maximum
 _calls = itertools.count()
@@ -154,3 +178,133 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
         raise RuntimeError(f"kernels/compile_check.py: could not read registers and spills from ptxas -v:\n{log}")
     return dict(registers=int(registers.group(1)), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The variants of every kernel: launches through the kernels' own launchers, on meta tensors
+# ---------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HEAD_DIMS = [32, 64, 80, 128]  # every head dim the model's configs use (OPT-350M: 64)
+WIDTHS = [64, 80, 1024, 8192]  # layer_norm: a small width, one not a power of two, OPT-350M's, the maximum
+VOCABS = [50_272, 1_000]  # OPT's vocabulary (three full blocks and a masked tail) and one block
+
+
+def launch_attention(dtype, head_dim: int, causal: bool, packed: bool) -> None:
+    """One forward and backward of kernels/flash_attention.py, shaped as the model passes them (16
+    heads; dense rows or packed sequences)."""
+    heads, seq_len, batch = 16, 256, 2
+    if packed:
+        shape, cu_seqlens = (batch * seq_len, heads, head_dim), [0, 100, batch * seq_len]
+    else:
+        shape, cu_seqlens = (batch, heads, seq_len, head_dim), [0, seq_len, batch * seq_len]
+    q, k, v = (torch.empty(shape, dtype=dtype, device="meta") for _ in range(3))
+    cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32, device="meta")
+    args = (cu_seqlens, seq_len, causal, head_dim ** -0.5, not packed)
+    o, lse = flash_attention._forward(q, k, v, *args)
+    flash_attention._backward(torch.empty_like(o), q, k, v, o, lse, *args)
+
+
+def launch_layer_norm(dtype, width: int, residual: bool, affine: bool) -> None:
+    """One forward and backward of kernels/layer_norm.py over 1,000 rows (the model's (B * T, E))."""
+    x = torch.empty(1000, width, dtype=dtype, device="meta")
+    r = torch.empty_like(x) if residual else None
+    weight, bias = (torch.empty(width, dtype=dtype, device="meta") if affine else None for _ in range(2))
+    y, z, mean, rstd = layer_norm._forward(x, weight, bias, r, 1e-5)
+    layer_norm._backward(torch.empty_like(y), z, weight, bias, mean, rstd, dtype, None if r is None else dtype)
+
+
+GRADIENTS = ("one-scale", "per-token-scale", "loss-only")  # linear_cross_entropy's three launches
+
+
+def launch_linear_cross_entropy(dtype, vocab: int, gradient: str) -> None:
+    """kernels/linear_cross_entropy.py's kernel in one of its three launches: the gradient scaled by one
+    value (reduction "sum" / "mean"), by one value per token (the backward of "none"), or losses only.
+    Over one 2048-token row at OPT-350M's width: chunks of whole blocks of rows, aligned as in training
+    (a few dozen tokens would give 2-row chunks, whose misaligned offsets compile a second kernel)."""
+    tokens, hidden_dim = 2048, 1024
+    hidden = torch.empty(tokens, hidden_dim, dtype=dtype, device="meta")
+    weight = torch.empty(vocab, hidden_dim, dtype=dtype, device="meta")
+    targets = torch.empty(tokens, dtype=torch.int64, device="meta")
+    scale = {"one-scale": torch.empty(1, device="meta").expand(tokens),
+             "per-token-scale": torch.empty(tokens, device="meta"), "loss-only": None}[gradient]
+    linear_cross_entropy._chunked_loss(hidden, weight, targets, -100, scale, True, True)
+
+
+def attention_variants(dtypes=tuple(DTYPES), head_dims=tuple(HEAD_DIMS)) -> Iterator[tuple[dict, Callable]]:
+    for dtype, head_dim, causal, packed in itertools.product(dtypes, head_dims, (True, False), (False, True)):
+        yield (dict(op="attention", dtype=dtype, head_dim=head_dim, causal=causal,
+                    layout="packed" if packed else "dense"),
+               functools.partial(launch_attention, DTYPES[dtype], head_dim, causal, packed))
+
+
+def layer_norm_variants(dtypes=tuple(DTYPES), widths=tuple(WIDTHS)) -> Iterator[tuple[dict, Callable]]:
+    for dtype, width, residual, affine in itertools.product(dtypes, widths, (True, False), (True, False)):
+        yield (dict(op="layer_norm", dtype=dtype, width=width, residual=residual, affine=affine),
+               functools.partial(launch_layer_norm, DTYPES[dtype], width, residual, affine))
+
+
+def linear_cross_entropy_variants(dtypes=tuple(DTYPES), vocabs=tuple(VOCABS)) -> Iterator[tuple[dict, Callable]]:
+    for dtype, vocab, gradient in itertools.product(dtypes, vocabs, GRADIENTS):
+        yield (dict(op="linear_cross_entropy", dtype=dtype, vocab=vocab, gradient=gradient),
+               functools.partial(launch_linear_cross_entropy, DTYPES[dtype], vocab, gradient))
+
+
+VARIANTS = {"attention": attention_variants, "layer_norm": layer_norm_variants,
+            "linear_cross_entropy": linear_cross_entropy_variants}
+
+
+def check(arch: int, variants) -> list[dict]:
+    """Compile every kernel each (label, launch) variant launches for sm_<arch>; one printed row per
+    distinct kernel (a specialisation two variants share is reported once, under the first)."""
+    rows, seen = [], set()
+    for label, launch in variants:
+        for kernel in compile_launch(launch, arch):
+            if kernel.hash in seen:
+                continue
+            seen.add(kernel.hash)
+            row = dict(label, kernel=kernel.kernel, ok=kernel.fits, shared_bytes=kernel.shared,
+                       shared_limit=kernel.shared_limit, registers=kernel.registers,
+                       spill_stores=kernel.spill_stores, spill_loads=kernel.spill_loads,
+                       num_warps=kernel.num_warps, num_stages=kernel.num_stages,
+                       blocks={n: v for n, v in kernel.constants.items() if n.startswith("BLOCK")})
+            rows.append(row)
+            what = " ".join(f"{name}={value}" for name, value in label.items() if name != "op")
+            print(f"sm_{arch} {kernel.kernel:24s} {what:44s} shared {kernel.shared:7,d} / {kernel.shared_limit:,d} B "
+                  f"regs {kernel.registers:3d} spills {kernel.spill_stores:3d} B warps {kernel.num_warps} "
+                  f"stages {kernel.num_stages} {'ok' if kernel.fits else 'OVER THE LIMIT (the launch stops here)'}",
+                  flush=True)
+    return rows
+
+
+def write_report(path: str, arch: int, rows: list[dict], where: str, **meta) -> None:
+    """Write the rows (and `meta`, e.g. the commit) as JSON and exit non-zero, naming `where`, when a
+    kernel is over the limit."""
+    meta = dict(target=f"sm_{arch}", triton=triton.__version__, **meta)
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, compiled=rows), f, indent=2)
+    failed = [row for row in rows if not row["ok"]]
+    if failed:
+        sys.exit(f"{where}: {len(failed)} of {len(rows)} kernels do not fit sm_{arch} "
+                 f"(shared memory over {SHARED_MEMORY[arch]:,d} B); wrote {path}")
+    print(f"all {len(rows)} kernels fit sm_{arch}; wrote {path}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("arch", type=int, choices=sorted(SHARED_MEMORY),
+                        help="compute capability: 80 A100, 86 A10G / RTX 30xx, 89 L4 / RTX 40xx, 90 H100 / H200")
+    parser.add_argument("--ops", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS),
+                        help="which ops' kernels to compile (default: all)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES),
+                        help="dtypes to compile (default: all)")
+    parser.add_argument("--out", default=None, help="JSON results (default: compile_check_sm<ARCH>.json)")
+    args = parser.parse_args(argv)
+    if runtime.interpreted():
+        sys.exit("kernels/compile_check.py: TRITON_INTERPRET=1 builds no GPU code; unset it to compile for a GPU")
+    rows = check(args.arch, itertools.chain(*(VARIANTS[op](args.dtypes) for op in args.ops)))
+    write_report(args.out or f"compile_check_sm{args.arch}.json", args.arch, rows, "kernels/compile_check.py")
+
+
+if __name__ == "__main__":
+    main()

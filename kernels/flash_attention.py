@@ -41,21 +41,19 @@ so a new length does not recompile. Kernels launch on the inputs' GPU, whatever 
 Triton's interpreter (TRITON_INTERPRET=1, CPU tests) computes bf16 tl.dot wrongly (it multiplies the raw
 bf16 bit patterns held in numpy), so when the kernels were built by the interpreter the dot operands are
 upcast to fp32 (`DOT_DTYPE`). On CPU tensors without the interpreter the launcher raises a RuntimeError.
-With numpy >= 2.4, Triton 3.6's interpreter also needs `kernels.interpreter_fix.apply()`, which this
-module calls itself when its kernels were built by the interpreter (see there).
+With numpy >= 2.4, Triton 3.6's interpreter also needs kernels/interpreter_fix.py, which kernels/runtime.py
+applies when it is imported under the interpreter (as every kernel file imports it).
 
 Run the tests: `pytest tests/test_flash_attention.py`; the benchmark: `PYTHONPATH=. python bench/attention.py`.
 """
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import driver
 
-from kernels import interpreter_fix
+from kernels import runtime
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -397,19 +395,6 @@ def _bwd_dq_kernel(
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _interpreted() -> bool:
-    """True when the kernels were built by Triton's CPU interpreter.
-
-    Asks the kernel object rather than os.environ: TRITON_INTERPRET only counts if it was set before
-    triton built the kernels (at import), so the environment can disagree with what will actually run.
-    """
-    return not isinstance(_fwd_kernel, triton.runtime.JITFunction)
-
-
-if _interpreted():  # Triton 3.6's interpreter fails our data-dependent loops with numpy >= 2.4; see there
-    interpreter_fix.apply()
-
-
 def launch_config(head_dim: int, dtype: torch.dtype, shared_memory: int) -> dict:
     """Per kernel, block sizes, warps and stages for the device's shared memory per block, head dim and
     dtype (never the sequence length, so a new length never re-tunes or recompiles).
@@ -488,7 +473,7 @@ def _check_qkv(q, k, v, dense: bool) -> None:
         raise ValueError(f"{_WHERE}: head dim must be in 16..128, got {q.shape[-1]}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{_WHERE}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreted():
+    if q.device.type != "cuda" and not runtime.interpreted():
         raise RuntimeError(f"{_WHERE}: tensors are on {q.device}, but the Triton kernels were built for a GPU. "
                            "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
                            "importing triton (and kernels) to run them on CPU through Triton's interpreter.")
@@ -507,21 +492,9 @@ def _check_cu_seqlens(cu_seqlens, q) -> None:
 
 def _dot_dtype(dtype: torch.dtype):
     # The interpreter's tl.dot multiplies raw bf16 bit patterns (numpy has no bf16): compute in fp32 there.
-    if dtype == torch.bfloat16 and _interpreted():
+    if dtype == torch.bfloat16 and runtime.interpreted():
         return tl.float32
     return _TL_DTYPES[dtype]
-
-
-def _on_device(x: torch.Tensor):
-    """Launch on x's GPU (a model on cuda:1 launches there, whatever the current device is)."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _shared_memory() -> int:
-    """Shared memory per block of the current device, as Triton checks it when loading a kernel."""
-    if _interpreted():  # no GPU limit applies; use an A10G's (sm_86), the smallest of our targets
-        return 101_376
-    return driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"]
 
 
 def _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
@@ -529,7 +502,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
     heads, head_dim = q.shape[1], q.shape[-1]  # H sits at dim 1 of both (B, H, T, D) and (total, H, D)
     num_seqs = cu_seqlens.numel() - 1
     total = q.shape[0] * q.shape[2] if dense else q.shape[0]
-    cfg = launch_config(head_dim, q.dtype, _shared_memory())
+    cfg = launch_config(head_dim, q.dtype, runtime.shared_memory())
     o = _empty_rows(q, dense)
     lse = torch.empty(heads, total, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(max_seqlen, cfg["fwd"]["BLOCK_M"]), heads, num_seqs)
@@ -547,7 +520,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
     """Launch preprocess, dK/dV and dQ kernels. Returns dq, dk, dv in the inputs' shapes."""
     heads, head_dim = lse.shape[0], q.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
-    cfg = launch_config(head_dim, q.dtype, _shared_memory())
+    cfg = launch_config(head_dim, q.dtype, runtime.shared_memory())
     do = _head_dim_contiguous(do)
     dq, dk, dv = (_empty_rows(x, dense) for x in (q, k, v))
     delta = torch.empty_like(lse)
@@ -581,7 +554,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
-        with _on_device(q):
+        with runtime.on_device(q):
             o, lse = _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense)
         ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.args = (max_seqlen, causal, sm_scale, dense)
@@ -590,7 +563,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        with _on_device(q):
+        with runtime.on_device(q):
             dq, dk, dv = _backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 

@@ -7,8 +7,9 @@ scalars"), so every kernel with a data-dependent loop fails under TRITON_INTERPR
 triton-lang/triton#9171, fixed upstream by #9172 (`int(self.handle.data.squeeze())`).
 
 `apply()` installs that one-line fix for this process and does nothing when it is not needed (a
-numpy that still accepts the conversion). Each kernel module calls it at import when its kernels were
-built by the interpreter, so `TRITON_INTERPRET=1` alone runs them on CPU; with a GPU nothing is patched.
+numpy that still accepts the conversion). kernels/runtime.py, which every kernel file imports, calls it
+once at import under the interpreter, so `TRITON_INTERPRET=1` alone runs them on CPU; with a GPU
+nothing is patched.
 
     from kernels import interpreter_fix; interpreter_fix.apply()
 """

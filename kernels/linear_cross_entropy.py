@@ -41,12 +41,15 @@ Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (arXiv:241
     from kernels.linear_cross_entropy import linear_cross_entropy
     loss = linear_cross_entropy(hidden, model.embed.weight, targets, ignore_index=-100, reduction="sum")
 
-Tests: `pytest tests/test_linear_cross_entropy.py` (CPU through TRITON_INTERPRET=1).
+Tests: `pytest tests/test_linear_cross_entropy.py` (CPU through TRITON_INTERPRET=1). Shared memory, registers
+and spills on an A10G or H100, without one: `python -m kernels.compile_check 86 --ops linear_cross_entropy`.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels import runtime
 
 # ---------------------------------------------------------------------------------------------------
 # Kernel
@@ -115,11 +118,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("sum", "mean", "none")
 
 
-def _interpreted() -> bool:
-    """True when the kernel was built by Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
-    return not isinstance(_cross_entropy_kernel, triton.runtime.JITFunction)
-
-
 def launch_config(vocab: int) -> dict:
     """Columns per step and warps: 16,384 fp32 columns over 16 warps is 32 values per thread, enough to
     keep the loads wide without spilling; smaller vocabularies take one block."""
@@ -133,8 +131,9 @@ def chunk_size(tokens: int, vocab: int, hidden_dim: int) -> int:
 
 
 def _chunked_loss(hidden, weight, targets, ignore_index, grad_scale, want_hidden, want_weight):
-    """hidden (N, E), weight (V, E) in one compute dtype. Returns loss (N,) fp32 and, when wanted and
-    grad_scale (N,) is given, grad_hidden (N, E) in the compute dtype and grad_weight (V, E) fp32."""
+    """The launcher: hidden (N, E), weight (V, E) in one compute dtype, on any device (meta tensors for
+    kernels/compile_check.py). Returns loss (N,) fp32 and, when wanted and grad_scale (N,) is given,
+    grad_hidden (N, E) in the compute dtype and grad_weight (V, E) fp32."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     write_grad = grad_scale is not None and (want_hidden or want_weight)
     cfg = launch_config(vocab)
@@ -149,11 +148,12 @@ def _chunked_loss(hidden, weight, targets, ignore_index, grad_scale, want_hidden
         end = min(start + step, tokens)
         h = hidden[start:end]  # (C, E)
         logits = h @ weight.T  # (C, V), contiguous
-        _cross_entropy_kernel[(end - start,)](
-            logits, targets[start:end], scale[start:end], loss[start:end],
-            logits.stride(0), scale.stride(0), vocab, ignore_index,
-            WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
-        )
+        with runtime.on_device(logits):  # the inputs' GPU, whatever the current device is
+            _cross_entropy_kernel[(end - start,)](
+                logits, targets[start:end], scale[start:end], loss[start:end],
+                logits.stride(0), scale.stride(0), vocab, ignore_index,
+                WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+            )
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])  # logits now hold dlogits
         if grad_weight is None:
@@ -180,7 +180,7 @@ def _check(hidden, weight, targets, reduction) -> None:
     if not (hidden.device == weight.device == targets.device):
         raise ValueError(f"{_WHERE}: hidden, weight and targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
-    if hidden.device.type != "cuda" and not _interpreted():
+    if hidden.device.type != "cuda" and not runtime.interpreted():
         raise RuntimeError(f"{_WHERE}: tensors are on {hidden.device}, but the Triton kernel was built for a GPU. "
                            "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
                            "importing triton (and kernels) to run it on CPU through Triton's interpreter.")

@@ -1,5 +1,6 @@
-"""Tests for kernels/compile_check.py and `bench/attention.py --compile-only`: the attention kernels
-compiled for real GPUs (sm_86 A10G, sm_90 H100) on a machine without one.
+"""Tests for kernels/compile_check.py, `python -m kernels.compile_check ARCH` and `bench/attention.py
+--compile-only`: the Triton kernels (attention, layer_norm, linear_cross_entropy) compiled for real GPUs
+(sm_86 A10G, sm_90 H100) on a machine without one.
 
     pytest tests/test_compile_check.py
 
@@ -37,11 +38,9 @@ def test_compiles_with_the_runtime_specialisation():
     signature without them reported 24,576 B, a kernel that never runs. Each launched kernel comes back
     once, with its registers from ptxas."""
     out = run_script("""
-import sys, torch
-sys.path.insert(0, "bench")
-from attention import launch_variant
-from kernels.compile_check import compile_launch
-compiled = compile_launch(lambda: launch_variant(torch.bfloat16, 64, True, packed=False), 90)
+import torch
+from kernels.compile_check import compile_launch, launch_attention
+compiled = compile_launch(lambda: launch_attention(torch.bfloat16, 64, True, packed=False), 90)
 for k in compiled:
     print(k.kernel, k.shared, k.registers, k.spill_stores, k.fits)
 """)
@@ -94,3 +93,36 @@ def test_compile_only_fails_over_the_limit(tmp_path):
     over = [line for line in result.stdout.splitlines() if "OVER THE LIMIT" in line]
     assert over and all("_bwd_dkdv_kernel" in line and "114,944" in line for line in over), result.stdout
     assert "_bwd_dq_kernel" not in result.stdout, result.stdout
+
+
+def test_layer_norm_and_linear_cross_entropy_fit_an_a10g_and_an_h100():
+    """The new kernels at their widest: layer_norm at 8192 columns (16 warps, the backward's partial-sum
+    rows through shared memory) and OPT-350M's 1024, linear_cross_entropy at OPT's 50,272-word vocabulary
+    with its gradient written; each within sm_86's and sm_90's shared memory, without register spills."""
+    out = run_script("""
+from kernels import compile_check as cc
+variants = [v for v in cc.layer_norm_variants(["bfloat16", "float32"], [1024, 8192]) if v[0]["residual"]
+            and v[0]["affine"]] + list(cc.linear_cross_entropy_variants(["bfloat16"], [50_272]))[:1]
+for arch in (86, 90):
+    rows = cc.check(arch, iter(variants))
+    assert len(rows) == 9 and all(r["ok"] and r["spill_stores"] == 0 for r in rows), rows
+""")
+    assert out.count(" ok") == 18, out
+    for arch in ("sm_86", "sm_90"):
+        assert f"{arch} _layer_norm_bwd_kernel   dtype=float32 width=8192" in out, out
+        assert f"{arch} _cross_entropy_kernel    dtype=bfloat16 vocab=50272" in out, out
+
+
+def test_compile_check_command_fails_over_the_limit(tmp_path):
+    """`python -m kernels.compile_check` exits non-zero when a kernel needs more shared memory than the
+    target has: against a limit of 32 B, the cross-entropy kernel at 50,272 words (16 warps, 64 B for
+    its cross-warp reductions) is over it, its one-block launch at 1,000 words (16 B) fits."""
+    script = ("import kernels.compile_check as cc\n"
+              "cc.SHARED_MEMORY[86] = 32\n"
+              "cc.main(['86', '--ops', 'linear_cross_entropy', '--dtypes', 'bfloat16', "
+              f"'--out', {str(tmp_path / 'over.json')!r}])\n")
+    result = run_compiler(["-c", script])
+    assert result.returncode != 0
+    assert "kernels/compile_check.py: 3 of 6 kernels do not fit sm_86" in result.stderr, result.stderr[-2000:]
+    over = [line for line in result.stdout.splitlines() if "OVER THE LIMIT" in line]
+    assert len(over) == 3 and all("vocab=50272" in line for line in over), result.stdout

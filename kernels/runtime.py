@@ -1,0 +1,59 @@
+"""What every Triton kernel file in kernels/ asks of the runtime: interpreter or GPU, which device to
+launch on, and how much shared memory a block may use there.
+
+    from kernels import runtime
+    runtime.interpreted()                 # True under TRITON_INTERPRET=1 (CPU tests)
+    with runtime.on_device(x): kernel[grid](x, ...)     # launch on x's GPU
+    launch_config(..., runtime.shared_memory())         # settings for the current device's limit
+
+Importing this module applies kernels/interpreter_fix.py once when the kernels are interpreted, so every
+kernel file runs under TRITON_INTERPRET=1 alone, whichever is imported first.
+"""
+
+import contextlib
+
+import torch
+import triton
+from triton.runtime import driver
+
+from kernels import interpreter_fix
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def interpreted() -> bool:
+    """True when Triton builds kernels for its CPU interpreter.
+
+    Asks a kernel object rather than os.environ: TRITON_INTERPRET only counts if it was set before triton
+    built the kernels, and the kernel files import this module before defining theirs, so the probe was
+    built the way they were.
+    """
+    return not isinstance(_probe, triton.runtime.JITFunction)
+
+
+def on_device(x: torch.Tensor):
+    """Launch on x's GPU (a model on cuda:1 launches there, whatever the current device is)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def shared_memory() -> int:
+    """Shared memory per block of the current device, as Triton checks it when loading a kernel
+    (kernels/compile_check.py's stand-in GPU reports its target's)."""
+    if interpreted():  # no GPU limit applies; use an A10G's (sm_86), the smallest of our targets
+        return 101_376
+    return driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"]
+
+
+def multiprocessor_count() -> int:
+    """SMs of the current device (kernels that give each SM one program); 4 under the interpreter, which
+    runs programs one after another."""
+    if interpreted():
+        return 4
+    return driver.active.utils.get_device_properties(driver.active.get_current_device())["multiprocessor_count"]
+
+
+if interpreted():  # Triton 3.6's interpreter fails data-dependent loop bounds with numpy >= 2.4; see there
+    interpreter_fix.apply()
