@@ -7,6 +7,7 @@ matplotlib draws with its file-only Agg backend, so this works on a machine with
 """
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,9 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 LM_SHADE = "#fdebd0"   # the language-modelling warm-up's band, a colour nothing else in the picture uses
 _PLAIN = FuncFormatter(lambda y, _: f"{y:g}")   # 0.5, 2, 8 rather than 5x10^-1 on a log axis
+# Minor ticks labelled at 2 and 5 of each decade only: all nine overlap once the axis spans three decades.
+_TWO_AND_FIVE = FuncFormatter(lambda y, _: f"{y:g}" if y > 0 and round(y / 10 ** math.floor(math.log10(y))) in (2, 5)
+                              else "")
 
 
 def plot_loss(metrics_jsonl, png) -> None:
@@ -37,7 +41,7 @@ def plot_loss(metrics_jsonl, png) -> None:
     ax.set_ylabel("loss per trained token")
     ax.set_yscale("log")   # the smoke run falls from ~8 to ~0.1: a linear axis hides everything after step 100
     ax.yaxis.set_major_formatter(_PLAIN)
-    ax.yaxis.set_minor_formatter(_PLAIN)
+    ax.yaxis.set_minor_formatter(_TWO_AND_FIVE)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
