@@ -60,6 +60,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
 SECTIONS = ("gpu_tests", "attention", "train_step", "decode", "memory", "resume")
 # Seconds per section on an H100/H200 (Triton and torch.compile compile inside them); they add up to
 # the 8-minute budget, and a section never gets more than what the budget has left.
@@ -447,11 +448,12 @@ def section_memory(ctx: Context) -> dict:
     script = REPO / "bench" / "memory.py"
     if not script.is_file():
         return {**result, **unavailable("bench/memory.py does not exist in this checkout")}
-    proc = subprocess.run([sys.executable, str(script), "--json"], cwd=REPO, capture_output=True, text=True)
+    out = ctx.workdir / "memory.json"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(out)], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {**result, "status": "failed", "error": f"bench/memory.py --json exited {proc.returncode}",
+        return {**result, "status": "failed", "error": f"bench/memory.py --json {out} exited {proc.returncode}",
                 "output_tail": (proc.stdout + proc.stderr)[-4000:]}
-    result["estimate"] = estimate = json.loads(proc.stdout)
+    result["estimate"] = estimate = json.loads(out.read_text())
     total = next((estimate[k] for k in ("total_gib", "peak_gib", "total") if isinstance(estimate.get(k), (int, float))),
                  None)
     if total is not None:
