@@ -31,7 +31,6 @@ so inputs are not rotated.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,14 @@ import torch
 import triton
 import triton.testing
 
-from kernels import attention_reference, attention_varlen_reference, compile_check, flash_attention, \
-    flash_attention_varlen, runtime
-from kernels.reference import outputs_and_gradients
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
+
+from bench import provenance  # noqa: E402
+from kernels import (  # noqa: E402
+    attention_reference, attention_varlen_reference, compile_check, flash_attention, flash_attention_varlen, runtime)
+from kernels.reference import outputs_and_gradients  # noqa: E402
+
 TOKENS_PER_BATCH = 16 * 1024
 HEADS, HEAD_DIM = 16, 64  # OPT-350M: hidden 1024 = 16 heads x 64
 
@@ -58,16 +60,6 @@ def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool)
     """Forward FLOPs of attention over sequences of the given lengths: 4 * H * L^2 * D each, halved if causal."""
     flops = sum(4 * heads * length * length * head_dim for length in lengths)
     return flops / 2 if causal else flops
-
-
-def git_commit() -> str:
-    try:
-        git = dict(capture_output=True, text=True, check=True, cwd=REPO)
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], **git).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,14 +259,14 @@ def main() -> None:
 
     if args.compile_only is not None:
         rows = compile_check.check(args.compile_only, compile_check.attention_variants(args.dtypes, args.head_dims))
-        compile_check.write_report(args.out, args.compile_only, rows, "bench/attention.py", commit=git_commit())
+        compile_check.write_report(args.out, args.compile_only, rows, "bench/attention.py", commit=provenance.git_commit())
         return
 
     if not cpu_check and not torch.cuda.is_available():
         sys.exit("bench/attention.py: timing needs a CUDA GPU; use --check-only on CPU")
     device = "cpu" if cpu_check else "cuda"
     device_name = "cpu (Triton interpreter)" if cpu_check else torch.cuda.get_device_name()
-    meta = dict(device=device_name, commit=git_commit(), torch=torch.__version__, triton=triton.__version__,
+    meta = dict(device=device_name, commit=provenance.git_commit(), torch=torch.__version__, triton=triton.__version__,
                 command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"device {meta['device']} | commit {meta['commit']} | torch {meta['torch']} | triton {meta['triton']}")
 

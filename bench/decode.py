@@ -27,7 +27,6 @@ Prints a table last; --json FILE keeps every figure with the device, commit and 
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import kernels  # noqa: E402
 import slm  # noqa: E402
+from bench import provenance  # noqa: E402
 from slm.generate import generate  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -150,9 +150,7 @@ def main() -> None:
     hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
     hf = hf.to(args.device).eval()
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or None
+    device_name, commit = provenance.device_name(args.device), provenance.git_commit()
     report = {"device": device_name, "commit": commit, "torch": torch.__version__,
               "transformers": transformers.__version__, "config": "small" if args.small else "opt-350m",
               "dtype": args.dtype, "kernels": ours.kernels, "prompt_len": args.prompt_len,

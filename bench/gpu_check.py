@@ -20,7 +20,7 @@ all within --budget seconds:
               ours (sdpa; triton attention; every triton kernel) vs transformers' OPTForCausalLM + SDPA as
               TRL's SFTTrainer runs it (padded rows, full logits): tokens/s, MFU, peak memory, after a loss check.
               MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (train.flops_per_token),
-              peak from PEAK_FLOPS below by device name.
+              peak from train.PEAK_FLOPS by device name (train.peak_flops).
   decode      bench/decode.py's pairs: greedy slm.generate vs transformers' generate() at batch 1 and 32
               (ms/token, share of equal tokens), eager and captured (slm.generate(..., compile=True)).
   memory      bench/memory.py --json's estimate next to torch.cuda.max_memory_allocated of the same step.
@@ -60,6 +60,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
 SECTIONS = ("gpu_tests", "attention", "train_step", "decode", "memory", "resume")
 # Seconds per section on an H100/H200 (Triton and torch.compile compile inside them); they add up to
 # the 8-minute budget, and a section never gets more than what the budget has left.
@@ -68,9 +69,6 @@ BUDGET = 470
 # The dry run's CPU work is about a minute in all; the limits leave room for a machine shared with others.
 DRY_TIMEOUTS = {name: 150 for name in SECTIONS}
 DRY_BUDGET = 600
-# Dense bf16/fp16 tensor-core peaks from the vendor datasheets (without sparsity), for MFU; the first name
-# found in torch.cuda.get_device_name() wins. An H100/H200 8192^3 bf16 matmul reaches ~790 in practice.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
 ALL_TRITON = {"attention": "triton", "layer_norm": "triton", "linear_cross_entropy": "triton"}
 # The dry run's model: opt-350m's shape (post-LN, projected embedding) at toy size; head dim 64.
 TINY = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256,
@@ -161,14 +159,10 @@ def environment() -> dict:
     import transformers
     import triton
 
-    train_step = import_bench("train_step")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else train_step.cpu_name()
-    return {"device": device, "commit": train_step.git_commit(), "torch": torch.__version__,
+    provenance = import_bench("provenance")
+    device = provenance.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    return {"device": device, "commit": provenance.git_commit(), "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__}
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 # ===================================================================================================
@@ -301,7 +295,7 @@ def section_train_step(ctx: Context) -> dict:
     weights = slm.load_model(checkpoint).state_dict()
     device = torch.device(ctx.device)
     device_name = environment()["device"]
-    peak = peak_flops(device_name) if ctx.cuda else None
+    peak = train.peak_flops(device)   # None off CUDA
 
     variants = {"slm sdpa": dict(attn="sdpa"), "slm triton attention": dict(attn="triton")}
     if accepts(slm.OPT, "kernels"):
@@ -454,11 +448,12 @@ def section_memory(ctx: Context) -> dict:
     script = REPO / "bench" / "memory.py"
     if not script.is_file():
         return {**result, **unavailable("bench/memory.py does not exist in this checkout")}
-    proc = subprocess.run([sys.executable, str(script), "--json"], cwd=REPO, capture_output=True, text=True)
+    out = ctx.workdir / "memory.json"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(out)], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {**result, "status": "failed", "error": f"bench/memory.py --json exited {proc.returncode}",
+        return {**result, "status": "failed", "error": f"bench/memory.py --json {out} exited {proc.returncode}",
                 "output_tail": (proc.stdout + proc.stderr)[-4000:]}
-    result["estimate"] = estimate = json.loads(proc.stdout)
+    result["estimate"] = estimate = json.loads(out.read_text())
     total = next((estimate[k] for k in ("total_gib", "peak_gib", "total") if isinstance(estimate.get(k), (int, float))),
                  None)
     if total is not None:

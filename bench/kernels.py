@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
+from bench import provenance  # noqa: E402
 from kernels import interpreter_fix  # noqa: E402
 from tests.test_kernel_conformance import (  # noqa: E402
     PEERS, attention_case, conformance_failures, layer_norm_case, linear_cross_entropy_case)
@@ -154,23 +154,6 @@ def measure(fn, args, kwargs, device: str, reps: int) -> dict:
     return result
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -185,7 +168,7 @@ def main(argv=None) -> list[dict]:
     call_args, call_kwargs = make_case(args).build(dtype, torch.Generator().manual_seed(0), args.device)
     fwd_work, fwd_bwd_work, unit = work(args, dtype.itemsize)
     scale = 1e12 if unit == "TFLOP/s" else 1e9
-    device, commit = device_name(args.device), git_commit()
+    device, commit = provenance.device_name(args.device), provenance.git_commit()
     reference = kernels.REFERENCE[args.op]
     candidates = {args.impl: kernels.get(args.op, args.impl)}
     if args.impl != reference:

@@ -29,8 +29,6 @@ last, with the JSON beside it.
 import argparse
 import gc
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,26 +43,12 @@ sys.path.insert(0, str(REPO))
 import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
+from bench import provenance  # noqa: E402
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "toolbench" / "sft" / "toolllama_dfs_data_example.json"
 SMALL = dict(vocab_size=50272, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
              word_embed_proj_dim=128, do_layer_norm_before=False)   # opt-350m's shape, scaled down
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def shards(args, tok) -> ShardDataset:
@@ -187,7 +171,7 @@ def main(argv=None):
     tok = slm.load_tokenizer(args.tokenizer)
     packed, padded, n_examples = batches(shards(args, tok), args)
     config = slm.OPTConfig(**SMALL) if args.small else slm.OPTConfig.preset("opt-350m")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    device_name = provenance.device_name(device)
     peak = train.peak_flops(device)
 
     # One set of random weights for both sides, through a Hugging Face checkpoint on disk.
@@ -248,7 +232,7 @@ def main(argv=None):
     for r in results:
         r["speedup_vs_transformers"] = r["tok_s"] / base
 
-    report = {"device": device_name, "commit": git_commit(), "command": " ".join(sys.argv),
+    report = {"device": device_name, "commit": provenance.git_commit(), "command": " ".join(sys.argv),
               "model": "opt-350m (random weights)" if not args.small else f"small OPT {SMALL}",
               "dtype": args.dtype, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "examples": n_examples, "packed_micro_batches": len(packed), "padded_micro_batches": len(padded),

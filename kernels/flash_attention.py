@@ -473,10 +473,7 @@ def _check_qkv(q, k, v, dense: bool) -> None:
         raise ValueError(f"{_WHERE}: head dim must be in 16..128, got {q.shape[-1]}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{_WHERE}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not runtime.interpreted():
-        raise RuntimeError(f"{_WHERE}: tensors are on {q.device}, but the Triton kernels were built for a GPU. "
-                           "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
-                           "importing triton (and kernels) to run them on CPU through Triton's interpreter.")
+    runtime.check_device(_WHERE, q.device)
 
 
 def _check_cu_seqlens(cu_seqlens, q) -> None:

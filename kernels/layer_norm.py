@@ -212,10 +212,7 @@ def _check(x, weight, bias, residual) -> None:
     if len(devices) > 1:
         raise ValueError(f"{_WHERE}: x, weight, bias and residual must be on one device, "
                          f"got {sorted(map(str, devices))}")
-    if x.device.type != "cuda" and not runtime.interpreted():
-        raise RuntimeError(f"{_WHERE}: tensors are on {x.device}, but the Triton kernels were built for a GPU. "
-                           "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
-                           "importing triton (and kernels) to run them on CPU through Triton's interpreter.")
+    runtime.check_device(_WHERE, x.device)
 
 
 def _forward(x, weight, bias, residual, eps):

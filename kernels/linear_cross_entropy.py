@@ -180,10 +180,7 @@ def _check(hidden, weight, targets, reduction) -> None:
     if not (hidden.device == weight.device == targets.device):
         raise ValueError(f"{_WHERE}: hidden, weight and targets must be on one device, got "
                          f"{hidden.device}, {weight.device}, {targets.device}")
-    if hidden.device.type != "cuda" and not runtime.interpreted():
-        raise RuntimeError(f"{_WHERE}: tensors are on {hidden.device}, but the Triton kernel was built for a GPU. "
-                           "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
-                           "importing triton (and kernels) to run it on CPU through Triton's interpreter.")
+    runtime.check_device(_WHERE, hidden.device)
 
 
 # ---------------------------------------------------------------------------------------------------

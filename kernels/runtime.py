@@ -3,6 +3,7 @@ launch on, and how much shared memory a block may use there.
 
     from kernels import runtime
     runtime.interpreted()                 # True under TRITON_INTERPRET=1 (CPU tests)
+    runtime.check_device(_WHERE, x.device)              # a sentence, not a Triton error, for CPU tensors
     with runtime.on_device(x): kernel[grid](x, ...)     # launch on x's GPU
     launch_config(..., runtime.shared_memory())         # settings for the current device's limit
 
@@ -32,6 +33,15 @@ def interpreted() -> bool:
     built the way they were.
     """
     return not isinstance(_probe, triton.runtime.JITFunction)
+
+
+def check_device(where: str, device: torch.device) -> None:
+    """Raise a RuntimeError naming `where` (the kernel file) when tensors on `device` cannot reach the
+    kernels: a CPU tensor with kernels built for a GPU rather than for the interpreter."""
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"{where}: tensors are on {device}, but the Triton kernels were built for a GPU. "
+                           "Use a CUDA device, or set TRITON_INTERPRET=1 in the environment before "
+                           "importing triton (and kernels) to run them on CPU through Triton's interpreter.")
 
 
 def on_device(x: torch.Tensor):

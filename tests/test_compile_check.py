@@ -55,25 +55,18 @@ def test_unknown_architecture_is_an_error():
         compile_launch(lambda: None, 75)
 
 
-def test_compile_only_fits_an_a10g(tmp_path):
-    """sm_86 has the least shared memory: the largest variants (head dim 128, fp32 and bf16) fit, and
-    no kernel spills registers."""
-    result = run_compiler(["bench/attention.py", "--compile-only", "86", "--dtypes", "float32", "bfloat16",
-                           "--head-dims", "128", "--out", str(tmp_path / "sm86.json")])
+@pytest.mark.parametrize("arch, dtypes, head_dim, count", [
+    (86, ["float32", "bfloat16"], 128, 14),   # A10G: the least shared memory, the largest variants
+    (90, ["bfloat16"], 64, 7),                 # H100: the model's own shape (OPT-350M: bf16, head dim 64)
+])
+def test_compile_only_fits(arch, dtypes, head_dim, count, tmp_path):
+    """Every kernel of the variants fits the architecture's shared memory, and none spills registers."""
+    result = run_compiler(["bench/attention.py", "--compile-only", str(arch), "--dtypes", *dtypes,
+                           "--head-dims", str(head_dim), "--out", str(tmp_path / f"sm{arch}.json")])
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "all 14 kernels fit sm_86" in result.stdout, result.stdout[-4000:]
-    kernels = [line for line in result.stdout.splitlines() if line.startswith("sm_86")]
-    assert len(kernels) == 14 and all(" spills   0 B" in line for line in kernels), result.stdout
-
-
-def test_compile_only_fits_an_h100(tmp_path):
-    """sm_90 at the model's own shape (OPT-350M: bf16, head dim 64), without register spills."""
-    result = run_compiler(["bench/attention.py", "--compile-only", "90", "--dtypes", "bfloat16",
-                           "--head-dims", "64", "--out", str(tmp_path / "sm90.json")])
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "all 7 kernels fit sm_90" in result.stdout, result.stdout[-4000:]
-    kernels = [line for line in result.stdout.splitlines() if line.startswith("sm_90")]
-    assert len(kernels) == 7 and all(" spills   0 B" in line for line in kernels), result.stdout
+    assert f"all {count} kernels fit sm_{arch}" in result.stdout, result.stdout[-4000:]
+    kernels = [line for line in result.stdout.splitlines() if line.startswith(f"sm_{arch}")]
+    assert len(kernels) == count and all(" spills   0 B" in line for line in kernels), result.stdout
 
 
 def test_compile_only_fails_over_the_limit(tmp_path):

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE, REPO
+from tolerances import assert_close
 
 from kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
 from kernels.compile_check import SHARED_MEMORY
@@ -34,16 +35,6 @@ TOLERANCES = {
     "cpu": [(torch.float32, 2e-5, 1e-5), (torch.float16, 3e-3, 3e-3), (torch.bfloat16, 2e-2, 2e-2)],
     "cuda": [(torch.float32, 2e-2, 2e-2), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 5e-2, 5e-2)],
 }[DEVICE]
-
-
-def assert_close(name, actual, expected, atol, rtol):
-    actual, expected = actual.float(), expected.float()
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    assert not bad.any(), (
-        f"{name}: {int(bad.sum())}/{diff.numel()} elements off; max diff {diff.max().item():.3e}, "
-        f"mean diff {diff.mean().item():.3e} (atol {atol}, rtol {rtol})"
-    )
 
 
 def check_against_reference(kernel_fn, reference_fn, inputs, atol, rtol):

@@ -12,6 +12,7 @@ non-contiguous x. Also the input errors.
 
 import pytest
 import torch
+from tolerances import assert_close
 
 from kernels.layer_norm import MAX_WIDTH, layer_norm
 from kernels.reference import layer_norm_reference
@@ -27,18 +28,6 @@ TOLERANCES = [
     (torch.float16, 1e-2, 1e-2),
     (torch.bfloat16, 8e-2, 2e-2),
 ]
-
-
-def assert_close(name, actual, expected, atol, rtol):
-    """All elements within atol + rtol * |expected|, else a message with the max and mean difference."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    actual, expected = actual.float(), expected.float()
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    assert not bad.any(), (
-        f"{name}: {int(bad.sum())}/{diff.numel()} elements off; max diff {diff.max().item():.3e}, "
-        f"mean diff {diff.mean().item():.3e} (atol {atol}, rtol {rtol})"
-    )
 
 
 def make_inputs(shape, dtype, residual_dtype=None, weight=True, bias=True, seed=0):

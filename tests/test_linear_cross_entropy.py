@@ -12,7 +12,7 @@ input errors. A 50,272-entry row costs ~0.1 s in the interpreter, so those cases
 
 import pytest
 import torch
-from test_layer_norm import assert_close  # one comparison helper (max and mean difference) for both kernels
+from tolerances import assert_close
 
 from kernels.linear_cross_entropy import chunk_size, linear_cross_entropy
 from kernels.reference import linear_cross_entropy_reference
