@@ -4,8 +4,8 @@
 
 attention_reference works on (B, H, T, D); attention_varlen_reference on packed (total_tokens, H, D)
 with cu_seqlens, one sequence at a time, so attention never crosses a boundary. Same signatures as
-flash_attention / flash_attention_varlen. Memory is O(T^2): meant for tests and small inputs.
-(The registry's "attention" op, with masks, dropout and decode steps, is kernels/attention.py.)
+flash_attention / flash_attention_varlen; both are the registry's "eager" attention (kernels/attention.py,
+which also takes masks, dropout and decode steps) run in fp32. Memory is O(T^2): for tests and small inputs.
 
 layer_norm_reference and linear_cross_entropy_reference are the registry's "torch" implementations of
 "layer_norm" and "linear_cross_entropy" (kernels/registry.py), with the signatures every other
@@ -15,32 +15,25 @@ implementation of those ops takes.
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import eager_attention
+
 
 def attention_reference(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
-    """(B, H, T, D) -> (B, H, T, D); differentiable."""
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, T, T)
-    if causal:
-        seq_len = q.shape[-2]
-        future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    """(B, H, T, D) -> (B, H, T, D); differentiable. The registry's eager attention, computed in fp32."""
+    out = eager_attention(q.float(), k.float(), v.float(), causal=causal, scale=sm_scale)
+    return out.to(q.dtype)
 
 
 def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: bool = True,
                                sm_scale: float | None = None) -> torch.Tensor:
     """(total_tokens, H, D) packed by cu_seqlens (N + 1,) -> (total_tokens, H, D); differentiable."""
-    bounds = cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    if max(lengths) > max_seqlen:
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if longest > max_seqlen:
         raise ValueError(f"kernels/reference.py: max_seqlen={max_seqlen} is shorter than the longest "
-                         f"sequence ({max(lengths)}) in cu_seqlens")
-    outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # (L, H, D) -> (1, H, L, D) for the dense reference, and back.
-        seq = [x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
-        outputs.append(attention_reference(*seq, causal=causal, sm_scale=sm_scale)[0].transpose(0, 1))
-    return torch.cat(outputs, dim=0)
+                         f"sequence ({longest}) in cu_seqlens")
+    out = eager_attention(q.float(), k.float(), v.float(), causal=causal, scale=sm_scale, cu_seqlens=cu_seqlens,
+                          max_seqlen=max_seqlen)   # one sequence at a time
+    return out.to(q.dtype)
 
 
 def outputs_and_gradients(kernel_fn, reference_fn, inputs) -> dict:

@@ -9,8 +9,8 @@ Hugging Face's `OPTForCausalLM` computes.
 
 The OPT quirks (as in Hugging Face's modeling_opt.py): learned positions offset by 2 and computed from
 the attention mask (so left padding gives the first real token position 0); queries scaled after their
-bias; post-LN for opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m; the LM head tied
-to the token embedding. Attention and LayerNorm run through the kernel registry (`kernels/`), chosen by
+bias; post-LN for opt-350m, pre-LN for the others; a 512-wide embedding projected to 1024 in opt-350m;
+the LM head tied to the token embedding. Attention and LayerNorm run through the kernel registry (`kernels/`), chosen by
 name per op, so a kernel is swapped without editing this file:
 
     model = OPT(config, kernels={"attention": "triton", "layer_norm": "triton"})   # attn="triton" also works
