@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import kernels
+from slm import kernels
 import slm
 from slm import toolbench
 from slm.generate import generate

@@ -2,16 +2,37 @@
 
 Install torch first (`pip install torch==2.13.0`, or your CUDA build): a bare `torch` requirement
 otherwise pulls the newest CUDA wheels. Then `pip install -e ".[test]"`.
+
+`slm` is the only import name the project installs. The top-level kernels/ folder is `slm.kernels`
+(Hugging Face's `kernels` package, which transformers needs, owns the name `kernels`): a checkout finds it
+through slm/kernels/__init__.py, and a wheel gets a copy of its modules under slm/kernels/ (BuildPy below).
+data/ runs from the repository root (`python -m data.prepare`) and is not installed.
 """
 
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    """Copies kernels/*.py into the build's slm/kernels/ (not for an editable install, which reads the checkout)."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            target = Path(self.build_lib) / "slm" / "kernels"
+            for module in sorted(Path("kernels").glob("*.py")):
+                self.copy_file(str(module), str(target / module.name))
+
 
 setup(
     name="slm",
     version="0.1.0",
     description="Small language models for agentic tool calling: OPT-350M SFT on ToolBench",
     python_requires=">=3.10",
-    packages=["slm", "slm.toolbench", "kernels", "data"],
+    packages=["slm", "slm.toolbench", "slm.kernels"],
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.4",
         "tokenizers>=0.19",

@@ -79,7 +79,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import kernels
+from slm import kernels
 import slm
 from slm import smoke_init
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query

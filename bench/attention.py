@@ -17,7 +17,7 @@ the real FLOPs, sum over sequences of 4 * H * L^2 * D (halved when causal); padd
 --compile-only ARCH (80 A100, 86 A10G / RTX 30xx, 89 L4 / RTX 40xx, 90 H100 / H200) runs every variant
 the model can request (fp16 / bf16 / fp32, head dims 32 / 64 / 80 / 128, causal or not, dense or packed)
 through the kernels' own launchers, forward and backward, on a stand-in for that GPU
-(kernels/compile_check.py, whose `python -m kernels.compile_check ARCH` also checks the other
+(kernels/compile_check.py, whose `python -m slm.kernels.compile_check ARCH` also checks the other
 kernels): the launchers choose their settings for it and Triton specialises and
 compiles as on the device. It prints each distinct kernel's shared memory against the limit, registers
 and spills (ptxas -v), and exits non-zero when one is over the limit. This catches on a machine without
@@ -43,9 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
 
 from bench import provenance  # noqa: E402
-from kernels import (  # noqa: E402
+from slm.kernels import (  # noqa: E402
     attention_reference, attention_varlen_reference, compile_check, flash_attention, flash_attention_varlen, runtime)
-from kernels.reference import outputs_and_gradients  # noqa: E402
+from slm.kernels.reference import outputs_and_gradients  # noqa: E402
 
 TOKENS_PER_BATCH = 16 * 1024
 HEADS, HEAD_DIM = 16, 64  # OPT-350M: hidden 1024 = 16 heads x 64

@@ -36,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import kernels  # noqa: E402
+from slm import kernels  # noqa: E402
 import slm  # noqa: E402
 from bench import provenance  # noqa: E402
 from slm.generate import generate  # noqa: E402

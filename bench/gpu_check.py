@@ -205,7 +205,7 @@ def check_timed_kernels(attention, device: str, dry: bool, heads: int) -> list[d
     dtype and head dim, which the gpu tests also do: compiling all of them would eat this section's time."""
     import torch
 
-    from kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
+    from slm.kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
 
     seq_len, lengths = (37, [5, 1, 70, 33]) if dry else (300, [300, 1, 1000, 77, 513])
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)

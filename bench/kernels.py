@@ -41,9 +41,9 @@ sys.path.insert(0, str(REPO))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
+from slm import kernels  # noqa: E402
 from bench import provenance  # noqa: E402
-from kernels import interpreter_fix  # noqa: E402
+from slm.kernels import interpreter_fix  # noqa: E402
 from tests.test_kernel_conformance import (  # noqa: E402
     PEERS, attention_case, conformance_failures, layer_norm_case, linear_cross_entropy_case)
 

@@ -52,7 +52,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import slm  # noqa: E402
-from kernels import interpreter_fix  # noqa: E402
+from slm.kernels import interpreter_fix  # noqa: E402
 
 GIB = 2**30
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

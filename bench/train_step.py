@@ -40,7 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import kernels  # noqa: E402
+from slm import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
 from bench import provenance  # noqa: E402

@@ -106,7 +106,7 @@ def triton_attention(q, k, v, *, causal=True, scale=None, mask=None, cu_seqlens=
                      dropout_p=0.0):
     """Our fused kernels (kernels/flash_attention.py); masked or Tq != Tk calls (decode steps) go to SDPA."""
     # Imported on use: triton exists on Linux x86-64 only, and every other implementation works without it.
-    from kernels.flash_attention import flash_attention, flash_attention_varlen
+    from slm.kernels.flash_attention import flash_attention, flash_attention_varlen
 
     _check(q, mask, cu_seqlens, "triton")
     if dropout_p > 0:

@@ -1,8 +1,8 @@
 """Compile Triton launchers for a GPU architecture on a machine without one, as the runtime would.
 
-    PYTHONPATH=. python -m kernels.compile_check 86 [--ops layer_norm linear_cross_entropy] [--out FILE]
+    PYTHONPATH=. python -m slm.kernels.compile_check 86 [--ops layer_norm linear_cross_entropy] [--out FILE]
 
-    from kernels.compile_check import compile_launch
+    from slm.kernels.compile_check import compile_launch
     for k in compile_launch(lambda: my_launcher(*meta_tensors), arch=86):
         print(k.kernel, k.shared, k.registers, k.spill_stores, k.fits)
 
@@ -53,12 +53,12 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.runtime import driver
 from triton.runtime.errors import OutOfResources
 
-from kernels import runtime
+from slm.kernels import runtime
 
 # The modules (their launchers), not the functions `kernels` exports under the same names.
-flash_attention = importlib.import_module("kernels.flash_attention")
-layer_norm = importlib.import_module("kernels.layer_norm")
-linear_cross_entropy = importlib.import_module("kernels.linear_cross_entropy")
+flash_attention = importlib.import_module("slm.kernels.flash_attention")
+layer_norm = importlib.import_module("slm.kernels.layer_norm")
+linear_cross_entropy = importlib.import_module("slm.kernels.linear_cross_entropy")
 
 SHARED_MEMORY = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # bytes per block, opt-in maximum
 _calls = itertools.count()

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime
+from slm.kernels import runtime
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels

@@ -11,7 +11,7 @@ numpy that still accepts the conversion). kernels/runtime.py, which every kernel
 once at import under the interpreter, so `TRITON_INTERPRET=1` alone runs them on CPU; with a GPU
 nothing is patched.
 
-    from kernels import interpreter_fix; interpreter_fix.apply()
+    from slm.kernels import interpreter_fix; interpreter_fix.apply()
 """
 
 import numpy as np

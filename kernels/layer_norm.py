@@ -27,22 +27,22 @@ References: Ba et al., "Layer Normalization" (arXiv:1607.06450); Triton's layer-
 ops/layer_norm.py for one block of rows per SM; flash-attn's ops/triton/layer_norm.py for the fused
 residual add.
 
-    from kernels.layer_norm import layer_norm
+    from slm.kernels.layer_norm import layer_norm
     y = layer_norm(x, weight, bias, eps=1e-5, residual=r)       # LayerNorm(x + r), x's shape
 
 Tests: `pytest tests/test_layer_norm.py` (CPU through TRITON_INTERPRET=1, see kernels/interpreter_fix.py).
 Shared memory, registers and spills of every variant on an A10G or H100, without one:
-`python -m kernels.compile_check 86 --ops layer_norm` (kernels/compile_check.py).
+`python -m slm.kernels.compile_check 86 --ops layer_norm` (kernels/compile_check.py).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime
+from slm.kernels import runtime
 
 # One row per program, held in registers: at 8192 the fp32 backward uses 110 registers a thread on sm_86 and
-# 117 on sm_90, without spills (`python -m kernels.compile_check 90 --ops layer_norm`). Wider rows would
+# 117 on sm_90, without spills (`python -m slm.kernels.compile_check 90 --ops layer_norm`). Wider rows would
 # need a kernel that loops over column blocks.
 MAX_WIDTH = 8192
 

@@ -38,18 +38,18 @@ References: Liger-Kernel ops/fused_linear_cross_entropy.py and ops/cross_entropy
 gradient); Milakov & Gimelshein, "Online normalizer calculation for softmax" (arXiv:1805.02867);
 Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (arXiv:2411.09009).
 
-    from kernels.linear_cross_entropy import linear_cross_entropy
+    from slm.kernels.linear_cross_entropy import linear_cross_entropy
     loss = linear_cross_entropy(hidden, model.embed.weight, targets, ignore_index=-100, reduction="sum")
 
 Tests: `pytest tests/test_linear_cross_entropy.py` (CPU through TRITON_INTERPRET=1). Shared memory, registers
-and spills on an A10G or H100, without one: `python -m kernels.compile_check 86 --ops linear_cross_entropy`.
+and spills on an A10G or H100, without one: `python -m slm.kernels.compile_check 86 --ops linear_cross_entropy`.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import runtime
+from slm.kernels import runtime
 
 # ---------------------------------------------------------------------------------------------------
 # Kernel

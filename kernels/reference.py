@@ -15,7 +15,7 @@ implementation of those ops takes.
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import eager_attention
+from slm.kernels.attention import eager_attention
 
 
 def attention_reference(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:

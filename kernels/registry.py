@@ -1,6 +1,6 @@
 """The kernel registry: a plain table op -> {name: function}, so a kernel is swapped without editing the model.
 
-    import kernels
+    from slm import kernels
     kernels.available()                        # {"attention": ["eager", "sdpa", "triton"], ...}
     attention = kernels.get("attention", "sdpa")
     kernels.register("attention", "mine", my_attention)   # then slm.OPT(config, kernels={"attention": "mine"})

@@ -1,7 +1,7 @@
 """What every Triton kernel file in kernels/ asks of the runtime: interpreter or GPU, which device to
 launch on, and how much shared memory a block may use there.
 
-    from kernels import runtime
+    from slm.kernels import runtime
     runtime.interpreted()                 # True under TRITON_INTERPRET=1 (CPU tests)
     runtime.check_device(_WHERE, x.device)              # a sentence, not a Triton error, for CPU tensors
     with runtime.on_device(x): kernel[grid](x, ...)     # launch on x's GPU
@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.runtime import driver
 
-from kernels import interpreter_fix
+from slm.kernels import interpreter_fix
 
 
 @triton.jit

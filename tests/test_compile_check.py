@@ -1,4 +1,4 @@
-"""Tests for kernels/compile_check.py, `python -m kernels.compile_check ARCH` and `bench/attention.py
+"""Tests for kernels/compile_check.py, `python -m slm.kernels.compile_check ARCH` and `bench/attention.py
 --compile-only`: the Triton kernels (attention, layer_norm, linear_cross_entropy) compiled for real GPUs
 (sm_86 A10G, sm_90 H100) on a machine without one.
 
@@ -17,7 +17,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from kernels.compile_check import compile_launch
+from slm.kernels.compile_check import compile_launch
 
 
 def run_compiler(args: list[str]) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def test_compiles_with_the_runtime_specialisation():
     once, with its registers from ptxas."""
     out = run_script("""
 import torch
-from kernels.compile_check import compile_launch, launch_attention
+from slm.kernels.compile_check import compile_launch, launch_attention
 compiled = compile_launch(lambda: launch_attention(torch.bfloat16, 64, True, packed=False), 90)
 for k in compiled:
     print(k.kernel, k.shared, k.registers, k.spill_stores, k.fits)
@@ -74,7 +74,7 @@ def test_compile_only_fails_over_the_limit(tmp_path):
     an H100 gets) need 114,944 B: over sm_86's 101,376. The script reports it and exits non-zero; the
     launch stops at that kernel, as on a GPU, so dQ is not compiled."""
     script = ("import importlib, runpy, sys\n"
-              "fa = importlib.import_module('kernels.flash_attention')\n"
+              "fa = importlib.import_module('slm.kernels.flash_attention')\n"
               "original = fa.launch_config\n"
               "fa.launch_config = lambda head_dim, dtype, shared_memory: original(head_dim, dtype, 232_448)\n"
               f"sys.argv = ['bench/attention.py', '--compile-only', '86', '--dtypes', 'float32', "
@@ -93,7 +93,7 @@ def test_layer_norm_and_linear_cross_entropy_fit_an_a10g_and_an_h100():
     rows through shared memory) and OPT-350M's 1024, linear_cross_entropy at OPT's 50,272-word vocabulary
     with its gradient written; each within sm_86's and sm_90's shared memory, without register spills."""
     out = run_script("""
-from kernels import compile_check as cc
+from slm.kernels import compile_check as cc
 variants = [v for v in cc.layer_norm_variants(["bfloat16", "float32"], [1024, 8192]) if v[0]["residual"]
             and v[0]["affine"]] + list(cc.linear_cross_entropy_variants(["bfloat16"], [50_272]))[:1]
 for arch in (86, 90):
@@ -107,10 +107,10 @@ for arch in (86, 90):
 
 
 def test_compile_check_command_fails_over_the_limit(tmp_path):
-    """`python -m kernels.compile_check` exits non-zero when a kernel needs more shared memory than the
+    """`python -m slm.kernels.compile_check` exits non-zero when a kernel needs more shared memory than the
     target has: against a limit of 32 B, the cross-entropy kernel at 50,272 words (16 warps, 64 B for
     its cross-warp reductions) is over it, its one-block launch at 1,000 words (16 B) fits."""
-    script = ("import kernels.compile_check as cc\n"
+    script = ("import slm.kernels.compile_check as cc\n"
               "cc.SHARED_MEMORY[86] = 32\n"
               "cc.main(['86', '--ops', 'linear_cross_entropy', '--dtypes', 'bfloat16', "
               f"'--out', {str(tmp_path / 'over.json')!r}])\n")

@@ -21,10 +21,10 @@ import torch
 from conftest import DEVICE, REPO
 from tolerances import assert_close
 
-from kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
-from kernels.compile_check import SHARED_MEMORY
-from kernels.flash_attention import launch_config
-from kernels.reference import outputs_and_gradients
+from slm.kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
+from slm.kernels.compile_check import SHARED_MEMORY
+from slm.kernels.flash_attention import launch_config
+from slm.kernels.reference import outputs_and_gradients
 
 # (dtype, atol, rtol) against the fp32 reference, for the output and every gradient:
 # |actual - expected| <= atol + rtol * |expected|. In the interpreter fp32 is exact up to summation
@@ -166,7 +166,8 @@ def test_varlen_rejects_bad_cu_seqlens():
 
 
 def test_cpu_without_interpreter_raises_a_clear_error():
-    script = ("import torch, kernels\n"
+    script = ("import torch\n"
+              "from slm import kernels\n"
               "q = torch.randn(1, 1, 4, 16)\n"
               "kernels.flash_attention(q, q, q)\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}

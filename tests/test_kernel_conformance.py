@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from slm import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

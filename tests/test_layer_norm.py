@@ -14,8 +14,8 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from kernels.layer_norm import MAX_WIDTH, layer_norm
-from kernels.reference import layer_norm_reference
+from slm.kernels.layer_norm import MAX_WIDTH, layer_norm
+from slm.kernels.reference import layer_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from kernels.linear_cross_entropy import chunk_size, linear_cross_entropy
-from kernels.reference import linear_cross_entropy_reference
+from slm.kernels.linear_cross_entropy import chunk_size, linear_cross_entropy
+from slm.kernels.reference import linear_cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPT_VOCAB = 50272

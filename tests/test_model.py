@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from slm import kernels
 import slm
 from checkpoints import OPT_350M, TINY_CONFIGS, make_checkpoint
 

@@ -10,8 +10,8 @@ form the model calls (dense causal, masked, a decode step against longer keys, p
 import pytest
 import torch
 
-import kernels
-from kernels import registry
+from slm import kernels
+from slm.kernels import registry
 
 
 @pytest.fixture

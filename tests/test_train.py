@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from slm import kernels
 import slm
 from conftest import REPO, shared_path
 
