@@ -67,9 +67,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from slm import kernels
 import slm
-from slm import toolbench
+from slm import kernels, toolbench
 from slm.generate import generate
 from slm.plots import plot_pass_rate
 from slm.react import Episode, run_episodes

@@ -42,5 +42,6 @@ setup(
         "matplotlib",   # loss.png and pass_rate.png (slm/plots.py)
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
-    extras_require={"test": ["pytest", "transformers>=4.40"]},
+    # "kernels" is Hugging Face's package (transformers >= 5.25 needs it): tests/test_import_name.py runs beside it.
+    extras_require={"test": ["pytest", "transformers>=4.40", "kernels"]},
 )

@@ -79,9 +79,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from slm import kernels
 import slm
-from slm import smoke_init
+from slm import kernels, smoke_init
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
 from slm.muon import Muon
 from slm.plots import plot_loss

@@ -40,7 +40,7 @@ import triton
 import triton.testing
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
+sys.path.insert(0, str(REPO))   # the checkout first, before bench/ (this script's directory)
 
 from bench import provenance  # noqa: E402
 from slm.kernels import (  # noqa: E402

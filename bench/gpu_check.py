@@ -60,7 +60,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
+sys.path.insert(0, str(REPO))   # the checkout first, before bench/ (this script's directory)
 SECTIONS = ("gpu_tests", "attention", "train_step", "decode", "memory", "resume")
 # Seconds per section on an H100/H200 (Triton and torch.compile compile inside them); they add up to
 # the 8-minute budget, and a section never gets more than what the budget has left.

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from slm.kernels import registry
+from .kernels import registry
 
 from .config import OPTConfig
 

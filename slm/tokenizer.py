@@ -66,7 +66,7 @@ class Tokenizer:
     """Byte-level BPE over `vocab.json` + `merges.txt`, with OPT's conventions."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        directory = Path(directory).expanduser()
         missing = [name for name in FILES if not (directory / name).is_file()]
         if missing:
             raise FileNotFoundError(

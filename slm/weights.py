@@ -76,8 +76,8 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------- locating
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; a hub id such as `facebook/opt-350m` downloaded into the HF cache."""
-    path = Path(path_or_id)
+    """A local directory as is ("~" expanded); a hub id such as `facebook/opt-350m` downloaded into the HF cache."""
+    path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     name = str(path_or_id)

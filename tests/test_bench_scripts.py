@@ -28,7 +28,7 @@ def load_script(name: str):
 ])
 def test_kernel_benchmark_runs_on_cpu(tmp_path, op, impl, sizes):
     out = tmp_path / "rows.json"
-    rows = load_script("kernels").main(["--op", op, "--impl", impl, "--device", "cpu", "--dtype", "fp32",
+    rows = load_script("op").main(["--op", op, "--impl", impl, "--device", "cpu", "--dtype", "fp32",
                                         "--reps", "1", "--json", str(out), *sizes])
     names = [row["impl"] for row in rows]
     assert names[0] == impl and names[-1].startswith("peer: ") and len(names) == (2 if impl == "torch" else 3)
@@ -40,7 +40,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path, op, impl, sizes):
 
 def test_kernel_benchmark_saved_memory_shows_the_logits(tmp_path):
     """Materialised logits are what the cross-entropy saves: (N, V) fp32 at least."""
-    rows = load_script("kernels").main(["--op", "linear_cross_entropy", "--impl", "torch", "--device", "cpu",
+    rows = load_script("op").main(["--op", "linear_cross_entropy", "--impl", "torch", "--device", "cpu",
                                         "--dtype", "fp32", "--reps", "1", "--skip-check", "--tokens", "16",
                                         "--width", "64", "--vocab", "4096"])
     assert rows[0]["saved_mib"] >= 16 * 4096 * 4 / 2**20
@@ -48,7 +48,7 @@ def test_kernel_benchmark_saved_memory_shows_the_logits(tmp_path):
 
 def test_kernel_benchmark_refuses_an_unknown_implementation():
     with pytest.raises(ValueError, match="nope"):
-        load_script("kernels").main(["--op", "layer_norm", "--impl", "nope", "--device", "cpu"])
+        load_script("op").main(["--op", "layer_norm", "--impl", "nope", "--device", "cpu"])
 
 
 def test_memory_budget_on_a_tiny_config(tmp_path):

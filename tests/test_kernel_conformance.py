@@ -4,11 +4,12 @@
     pytest tests/test_kernel_conformance.py --kernel layer_norm=triton      # one implementation only
     TRITON_INTERPRET=1 pytest -p my_kernels tests/test_kernel_conformance.py --kernel attention=mine
 
-Your own kernel: a module on PYTHONPATH (`my_kernels` above) that calls `kernels.register(op, name, fn)`
+Your own kernel: a module on PYTHONPATH (`my_kernels` above) that runs `from slm import kernels` and
+`kernels.register(op, name, fn)`
 with fn taking the reference's signature (kernels/registry.py); `-p` imports it before the tests are
 collected (and before conftest.py can choose Triton's interpreter, hence TRITON_INTERPRET=1 on a CPU),
 `--kernel` (repeatable) picks it. From Python: `conformance_failures(op, name)` returns the list of failed
-checks, empty when the implementation conforms. bench/kernels.py builds its inputs with the case builders
+checks, empty when the implementation conforms. bench/op.py builds its inputs with the case builders
 here and times the peers in PEERS.
 
 Each case of an op (CASES) calls the implementation in the case's dtype and the reference
@@ -57,7 +58,7 @@ ALL_DTYPES = (FP32, FP16, BF16)
 class Case:
     """One call of an op: `build(dtype, generator, device)` -> (positional args, keyword args), each a dict by
     parameter name; every floating-point tensor among them gets a gradient checked. The case builders below
-    are shared with bench/kernels.py, which calls them at benchmark sizes."""
+    are shared with bench/op.py, which calls them at benchmark sizes."""
     label: str
     build: Callable[[torch.dtype, torch.Generator, str], tuple[dict, dict]]
     dtypes: tuple = ALL_DTYPES
@@ -159,7 +160,7 @@ CASES = {"attention": ATTENTION_CASES, "layer_norm": LAYER_NORM_CASES,
          "linear_cross_entropy": LINEAR_CROSS_ENTROPY_CASES}
 
 
-# The peers bench/kernels.py times beside each implementation: what a model without our kernels runs.
+# The peers bench/op.py times beside each implementation: what a model without our kernels runs.
 
 def sdpa_peer(q, k, v, causal=True, **_):
     """Attention as torch's SDPA computes it, dense rows: (B, H, T, D) -> (B, H, T, D)."""

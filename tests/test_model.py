@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm import kernels
 import slm
+from slm import kernels
 from checkpoints import OPT_350M, TINY_CONFIGS, make_checkpoint
 
 ATOL_FP32 = 1e-4

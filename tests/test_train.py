@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm import kernels
 import slm
+from slm import kernels
 from conftest import REPO, shared_path
 
 sys.path.insert(0, str(REPO))

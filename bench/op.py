@@ -1,9 +1,9 @@
 """Time and measure the memory of any registered kernel implementation against its op's reference and peer.
 
-    PYTHONPATH=. python bench/kernels.py --op attention --impl triton                     # B=8 H=16 T=2048 D=64
-    PYTHONPATH=. python bench/kernels.py --op layer_norm --impl triton --tokens 16384 --width 1024
-    PYTHONPATH=. python bench/kernels.py --op linear_cross_entropy --impl triton --tokens 16384
-    PYTHONPATH=. python bench/kernels.py --op layer_norm --impl torch --device cpu --tokens 64 --width 64
+    PYTHONPATH=. python bench/op.py --op attention --impl triton                     # B=8 H=16 T=2048 D=64
+    PYTHONPATH=. python bench/op.py --op layer_norm --impl triton --tokens 16384 --width 1024
+    PYTHONPATH=. python bench/op.py --op linear_cross_entropy --impl triton --tokens 16384
+    PYTHONPATH=. python bench/op.py --op layer_norm --impl torch --device cpu --tokens 64 --width 64
 
 Rows: the implementation (--impl, any name in kernels.available(), a user's included once registered),
 the op's reference (kernels.REFERENCE) and the peer a model without our kernels runs (PEERS in
@@ -161,7 +161,7 @@ def main(argv=None) -> list[dict]:
     if not args.skip_check:
         failures = conformance_failures(args.op, args.impl)
         if failures:
-            sys.exit(f"bench/kernels.py: {args.op}={args.impl} fails the conformance suite:\n" + "\n".join(failures))
+            sys.exit(f"bench/op.py: {args.op}={args.impl} fails the conformance suite:\n" + "\n".join(failures))
         print(f"{args.op}={args.impl}: passes the conformance suite")
 
     dtype = DTYPES[args.dtype]
