@@ -7,9 +7,9 @@
 Your own kernel: a module on PYTHONPATH (`my_kernels` above) that runs `from slm import kernels` and
 `kernels.register(op, name, fn)` with fn taking the reference's signature (kernels/registry.py); `-p` imports
 it before the tests are collected (and before conftest.py can choose Triton's interpreter, hence
-TRITON_INTERPRET=1 on a CPU), `--kernel` (repeatable) picks it. From Python: `conformance_failures(op, name)` returns the list of failed
-checks, empty when the implementation conforms. bench/op.py builds its inputs with the case builders
-here and times the peers in PEERS.
+TRITON_INTERPRET=1 on a CPU), `--kernel` (repeatable) picks it. From Python: `conformance_failures(op, name)`
+returns the list of failed checks, empty when the implementation conforms. bench/op.py builds its inputs with
+the case builders here and times the peers in PEERS.
 
 Each case of an op (CASES) calls the implementation in the case's dtype and the reference
 (kernels.REFERENCE) on the same values in fp32, backpropagates the same random upstream gradient through
