@@ -37,8 +37,9 @@ def _value(value):
     return [_value(v) for v in value] if isinstance(value, list) else value
 
 
-def _java(value, kind: str) -> str:
+def _java(value, schema: dict) -> str:
     """A Java literal bfcl_eval's java_type_converter reads back as `value` (a string answer already is one)."""
+    kind, inner = schema["type"], schema.get("items", {}).get("type")
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -48,7 +49,10 @@ def _java(value, kind: str) -> str:
     if kind == "float":
         return f"{value}f"
     if kind in ("Array", "ArrayList"):
-        items = ", ".join(json.dumps(v) for v in value)
+        # An Array's String elements are read as written, an ArrayList's lose their quotes.
+        items = ", ".join(v if isinstance(v, str) and kind == "Array" and inner == "String"
+                          else json.dumps(v) if isinstance(v, str) else _java(v, {"type": inner})
+                          for v in value)
         return f"new Object[]{{{items}}}" if kind == "Array" else f"new ArrayList<>(Arrays.asList({items}))"
     if kind == "HashMap":
         puts = " ".join(f"put({json.dumps(k)}, {json.dumps(v)});" for k, v in value.items())
@@ -56,8 +60,8 @@ def _java(value, kind: str) -> str:
     return str(value)
 
 
-def _javascript(value, kind: str) -> str:
-    if kind == "Bigint":
+def _javascript(value, schema: dict) -> str:
+    if schema["type"] == "Bigint":
         return f"{value}n"
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -72,7 +76,7 @@ def gold_steps(answer: dict, entry: dict, category: str) -> list[str]:
         (name, options), = call.items()
         arguments = _value(options)
         if literal:
-            arguments = {k: literal(v, declared[name][k]["type"]) for k, v in arguments.items()}
+            arguments = {k: literal(v, declared[name][k]) for k, v in arguments.items()}
         steps.append(toolbench.assistant_value("call it", name, json.dumps(arguments)))
     finish = {"return_type": "give_answer", "final_answer": "done"}
     return steps + [toolbench.assistant_value("done", toolbench.FINISH, json.dumps(finish))]
