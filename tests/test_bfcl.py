@@ -24,16 +24,24 @@ NO_ANSWER = ("irrelevance", "live_irrelevance", "live_relevance")
 
 # ------------------------------------------------------------------------- BFCL's answers as our steps
 
-def _first(options: list):
-    """The first listed option ("" lists an optional argument that may be left out; None: leave it out)."""
-    return next((option for option in options if option != ""), None)
-
-
-def _value(value):
-    """An answer value whose dicts list options for each key (nested dicts, lists of dicts)."""
+def _value(value, required=None):
+    """An answer value whose dicts list options for each key (nested dicts, lists of dicts). An
+    argument whose options include "" may be left out: left out unless `required` names it, else its
+    first other option."""
     if isinstance(value, dict):
-        chosen = {key: _first(o) if isinstance(o, list) else o for key, o in value.items()}
-        return {key: _value(v) for key, v in chosen.items() if v is not None}
+        chosen = {}
+        for key, options in value.items():
+            if isinstance(options, str):   # to the checker, one-character options (simple_java_64)
+                chosen[key] = options[0]
+            elif not isinstance(options, list):
+                chosen[key] = options
+            elif not any(o != "" for o in options):   # no value passes (live_simple_106's contradiction)
+                continue
+            elif "" not in options or (required is not None and key in required):
+                chosen[key] = _value(next(o for o in options if o != ""))
+            elif required is None and options[0] != "":
+                chosen[key] = _value(options[0])
+        return chosen
     return [_value(v) for v in value] if isinstance(value, list) else value
 
 
@@ -69,14 +77,14 @@ def _javascript(value, schema: dict) -> str:
 def gold_steps(answer: dict, entry: dict, category: str) -> list[str]:
     """BFCL's possible answer as ReAct steps (one call per function, each argument its first option),
     then Finish. Java and JavaScript arguments are written as literals of their declared types."""
-    declared = {f["name"]: f["parameters"]["properties"] for f in entry["function"]}
+    declared = {f["name"]: f["parameters"] for f in entry["function"]}
     literal = {"simple_java": _java, "simple_javascript": _javascript}.get(category)
     steps = []
     for call in answer["ground_truth"]:
         (name, options), = call.items()
-        arguments = _value(options)
+        arguments = _value(options, declared[name].get("required", []))
         if literal:
-            arguments = {k: literal(v, declared[name][k]) for k, v in arguments.items()}
+            arguments = {k: literal(v, declared[name]["properties"][k]) for k, v in arguments.items()}
         steps.append(toolbench.assistant_value("call it", name, json.dumps(arguments)))
     finish = {"return_type": "give_answer", "final_answer": "done"}
     return steps + [toolbench.assistant_value("done", toolbench.FINISH, json.dumps(finish))]
