@@ -25,6 +25,7 @@ import csv
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import toolbench
+from .tool_env import CallResult, ToolEnv
 from .toolbench import FINISH, FINISH_FUNCTION
 
 BFCL_EVAL_VERSION = "2026.3.23"
@@ -159,6 +161,21 @@ def conversation(entry: dict, underscore: bool = False) -> list[dict]:
     return toolbench.opening(toolbench.system_prompt(functions, tools), user_query(entry))
 
 
+# The one observation every non-Finish action gets: BFCL scores the calls a prompt leads to, so the
+# model is told only that its call went through, never a result that could steer what it calls next.
+OBSERVATION = json.dumps({"error": "", "response": "ok"})
+
+
+class FixedEnv(ToolEnv):
+    """Answers every call, declared or not, with OBSERVATION (no argument checks, no coercion)."""
+
+    def __init__(self, functions: list[dict]):
+        super().__init__(functions, lambda name, arguments, text: OBSERVATION)
+
+    def call(self, name: str, arguments: dict, text: str | None = None) -> CallResult:
+        return CallResult(OBSERVATION, "ok" if name in self.functions else "undeclared")
+
+
 # ============================================================================ our steps as BFCL's result
 
 def calls_from_steps(step_texts) -> list[dict]:
@@ -248,11 +265,14 @@ def _percent(value: str | None):
     return None if value in (None, "", "N/A") else float(value.rstrip("%")) / 100
 
 
-def score(records: list[dict], work_dir=None, partial: bool = False) -> dict:
-    """Score predictions with bfcl_eval's runner in a fresh folder; the categories and the columns."""
+def score(records: list[dict], out_dir=None, partial: bool = False) -> dict:
+    """Score predictions with bfcl_eval's runner: result files in out_dir/result, scores in a fresh
+    out_dir/score (out_dir: a new temporary folder when None); the categories and the columns."""
     _, utils, eval_runner = _bfcl_eval()
-    work = Path(tempfile.mkdtemp(prefix="bfcl-", dir=work_dir))
+    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="slm-bfcl-"))
     result_dir, score_dir = work / "result", work / "score"
+    for folder in (result_dir / MODEL, score_dir):   # BFCL reads every score file it finds there
+        shutil.rmtree(folder, ignore_errors=True)
     categories = write_results(records, result_dir, partial)
     # bfcl_eval prints its progress; it is kept out of our stdout, which holds the table.
     stdout, sys.stdout = sys.stdout, sys.stderr

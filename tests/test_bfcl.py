@@ -162,3 +162,32 @@ def test_calls_stop_at_finish_or_a_broken_step():
     assert bfcl.calls_from_steps([call, "no action here", call]) == [{"name": "CamelCase.get", "arguments": {"a": 1}}]
     assert bfcl.result_text([]) == ""
     assert json.loads(bfcl.result_text(bfcl.calls_from_steps([call]))) == [{"name": "CamelCase.get", "arguments": {"a": 1}}]
+
+
+def test_evaluate_bfcl_writes_files_the_scorer_reads(tmp_path, capsys):
+    """A tiny random model, two questions per category of two categories, through evaluate.py."""
+    import evaluate
+    import slm
+    from conftest import shared_path
+
+    config = slm.OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False)
+    model = slm.OPT(config)
+    model.init_weights(seed=0)
+    model_dir = slm.save_model(model, tmp_path / "tiny", tokenizer=shared_path("opt"))
+    out = tmp_path / "eval"
+    results = evaluate.main(["--model", str(model_dir), "--suite", "bfcl", "--bfcl-categories", "simple_python",
+                             "live_irrelevance", "--limit", "2", "--out", str(out), "--max-new-tokens", "8"])
+    assert set(results["subsets"]) == {"simple_python", "live_irrelevance"}
+    assert all(m["queries"] == 2 for m in results["subsets"].values())
+    lines = [json.loads(line) for line in (out / "bfcl_predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["simple_python_0", "simple_python_1", "live_irrelevance_0-0-0",
+                                        "live_irrelevance_1-0-1"]
+    assert (out / "result" / bfcl.MODEL / "non_live" / "BFCL_v4_simple_python_result.json").is_file()
+    saved = json.loads((out / "bfcl_scores.json").read_text())
+    rescored = bfcl.main(["score", str(out / "bfcl_predictions.jsonl"), "--partial"])
+    assert rescored["categories"] == saved["categories"] and saved["partial"] is True
+    assert (out / "pass_rate.png").read_bytes().startswith(b"\x89PNG")
+    assert "Non-Live AST" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="missing|no prediction"):
+        bfcl.main(["score", str(out / "bfcl_predictions.jsonl")])
