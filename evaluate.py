@@ -108,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory with vocab.json + merges.txt (default: the model directory)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N queries / trajectories / tasks of each file")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip and count malformed input items instead of stopping with an error")
+    parser.add_argument("--strict", dest="skip_bad", action="store_false",
+                        help="stop at the first malformed input item (default: name it, count it, skip it)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: eval-<suite>)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
@@ -221,12 +221,18 @@ def _read_queries(path: Path) -> list[dict]:
 
 
 def _bad_item(message: str, err: Exception | None, skip_bad: bool, skipped: list) -> None:
-    """Stop on a malformed input item, or (--skip-bad) count it and go on."""
-    if err is not None:
+    """Count a malformed input item and go on, or (--strict) stop; the message says what is missing."""
+    if isinstance(err, KeyError):
+        message += f": it has no {err}"
+    elif err is not None:
         message += f": {type(err).__name__}: {err}"
     if not skip_bad:
-        raise InputError(message + " (pass --skip-bad to skip such items)") from err
+        raise InputError(message + " (without --strict such items are skipped)") from err
     skipped.append(message)
+
+
+def _id_of(item) -> str:
+    return repr(item.get("query_id", item.get("id"))) if isinstance(item, dict) else "none"
 
 
 def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped, make_env=recorded_env) -> list[Episode]:
@@ -246,7 +252,7 @@ def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped, m
                     history=toolbench.conversation_start(query, tools), env=make_env(query),
                     relevant=_relevant_functions(query)))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                _bad_item(f"{path}: query {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: query {index} (id {_id_of(query)}) is malformed", err, skip_bad, skipped)
     return episodes
 
 
@@ -269,7 +275,7 @@ def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
                     functions=functions, history=history, env=env, relevant=_relevant_functions(task),
                     task=task))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                _bad_item(f"{path}: task {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: task {index} (id {_id_of(task)}) is malformed", err, skip_bad, skipped)
     return episodes
 
 
@@ -284,7 +290,7 @@ def bfcl_episodes(categories, limit, skip_bad, skipped) -> list[Episode]:
                     subset=category, query_id=str(entry["id"]), query=bfcl.user_query(entry), functions=functions,
                     history=bfcl.conversation(entry), env=bfcl.FixedEnv(functions), relevant=[]))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                _bad_item(f"BFCL {category}: question {index} ({entry.get('id', 'no id')}) is malformed", err,
+                _bad_item(f"BFCL {category}: question {index} (id {_id_of(entry)}) is malformed", err,
                           skip_bad, skipped)
     return episodes
 
@@ -454,7 +460,7 @@ def replay_items(paths, tools_dir, limit, skip_bad, skipped) -> list[dict]:
             try:
                 rows.append(toolbench.check_row(row))
             except toolbench.BadRow as err:
-                _bad_item(f"{path}: row {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: row {index} (id {_id_of(row)}) is malformed", err, skip_bad, skipped)
         # Step-exploded rows repeat their trajectory's prefix: collapse them so each step counts once.
         for chain in list(toolbench.chains(rows, collapse=True))[:limit]:
             for turn, message in enumerate(chain.conversations):
@@ -683,7 +689,9 @@ def main(argv=None) -> dict:
         by_type = overall["pass_rate_by_type"]
         print("pass rate by task type: " + ", ".join(f"{kind} {rate:.3f}" for kind, rate in by_type.items()))
     if skipped:
-        print(f"skipped {len(skipped)} malformed item(s); see results.json 'skipped'")
+        print(f"skipped {len(skipped)} malformed input item(s) (all in results.json 'skipped'):")
+        for message in skipped[:5]:
+            print(f"  {message}")
     t = results["timings"]
     print(f"{args.suite}: {t['new_tokens']} new tokens in {t['generate_s']:.1f} s of decoding "
           f"({t['new_tokens_per_s'] or 0:.0f} tok/s), {t['evaluate_s']:.1f} s in all; results in {out}")
