@@ -8,6 +8,7 @@
         --data ../shared/toolbench/sft/toolllama_dfs_data_example.json \
                ../shared/toolbench/trajectories/toolbench_dfs/G1_answer/*.json
     python evaluate.py --model runs/smoke/final --suite synthetic      # 200 in-memory test tasks
+    python evaluate.py --model runs/paper/final --suite bfcl [--bfcl-categories non_live live | CAT ...]
 
 Suites
 ------
@@ -23,6 +24,11 @@ synthetic        The same loop over data/synthetic.py's test tasks, whose tools 
                  (`synthetic.execute`); `synthetic.score` judges each answer exactly.
 replay           Gold trajectories (ToolLLaMA rows, DFS answer files, ToolEval converted answers):
                  every assistant step is predicted from the recorded history and compared with gold.
+bfcl             The same loop over BFCL's questions (slm/bfcl.py): every non-Finish action is recorded
+                 and answered with the fixed observation {"error": "", "response": "ok"} until Finish,
+                 a step that does not parse, or --max-steps (at least 9). The calls are scored by
+                 bfcl_eval's own checker: bfcl_predictions.jsonl, result/ (BFCL's result files),
+                 score/ and bfcl_scores.json (Non-Live AST, Live AST, Irrelevance, Relevance).
 
 Metrics (per subset = query file, and `overall` pooled over all queries, i.e. query-weighted)
 -------
@@ -68,7 +74,7 @@ import torch
 from tqdm import tqdm
 
 import slm
-from slm import kernels, toolbench
+from slm import bfcl, kernels, toolbench
 from slm.generate import generate
 from slm.plots import plot_pass_rate
 from slm.react import Episode, run_episodes
@@ -88,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Offline ToolBench evaluation (offline pass rate, step metrics, replay, synthetic).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", required=True, help="Hugging Face OPT checkpoint directory or hub id")
-    parser.add_argument("--suite", required=True, choices=("stabletoolbench", "replay", "synthetic"),
+    parser.add_argument("--suite", required=True, choices=("stabletoolbench", "replay", "synthetic", "bfcl"),
                         help="what to evaluate (see below)")
     parser.add_argument("--data", nargs="+", type=Path, default=None,
                         help="stabletoolbench: query files (subset = file name, e.g. G1_instruction.json); "
@@ -102,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory with vocab.json + merges.txt (default: the model directory)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N queries / trajectories / tasks of each file")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip and count malformed input items instead of stopping with an error")
+    parser.add_argument("--strict", dest="skip_bad", action="store_false",
+                        help="stop at the first malformed input item (default: name it, count it, skip it)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: eval-<suite>)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
@@ -118,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype (default auto: bfloat16 on cuda, float32 on cpu)")
     kernels.add_arguments(parser, "attention sdpa, layer_norm torch")
+    parser.add_argument("--bfcl-categories", nargs="+", default=["non_live", "live"], metavar="CAT",
+                        help="bfcl suite: non_live, live and/or category names (default: non_live live)")
     parser.add_argument("--tool-server", default=None, metavar="URL",
                         help="stabletoolbench: send tool calls to this StableToolBench virtual API server, e.g. "
                              "http://127.0.0.1:8080/virtual (default: the offline recorded environment)")
@@ -136,6 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "max_new_tokens", "max_steps", "tool_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.suite == "bfcl" and args.max_steps < 9:
+        parser.error(f"--suite bfcl needs --max-steps of at least 9 (parallel questions need up to 8 calls), "
+                     f"got {args.max_steps}")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.out = args.out or Path(f"eval-{args.suite}")
@@ -210,12 +221,18 @@ def _read_queries(path: Path) -> list[dict]:
 
 
 def _bad_item(message: str, err: Exception | None, skip_bad: bool, skipped: list) -> None:
-    """Stop on a malformed input item, or (--skip-bad) count it and go on."""
-    if err is not None:
+    """Count a malformed input item and go on, or (--strict) stop; the message says what is missing."""
+    if isinstance(err, KeyError):
+        message += f": it has no {err}"
+    elif err is not None:
         message += f": {type(err).__name__}: {err}"
     if not skip_bad:
-        raise InputError(message + " (pass --skip-bad to skip such items)") from err
+        raise InputError(message + " (without --strict such items are skipped)") from err
     skipped.append(message)
+
+
+def _id_of(item) -> str:
+    return repr(item.get("query_id", item.get("id"))) if isinstance(item, dict) else "none"
 
 
 def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped, make_env=recorded_env) -> list[Episode]:
@@ -235,7 +252,7 @@ def stabletoolbench_episodes(paths, tools_dir: Path, limit, skip_bad, skipped, m
                     history=toolbench.conversation_start(query, tools), env=make_env(query),
                     relevant=_relevant_functions(query)))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                _bad_item(f"{path}: query {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: query {index} (id {_id_of(query)}) is malformed", err, skip_bad, skipped)
     return episodes
 
 
@@ -258,8 +275,58 @@ def synthetic_episodes(paths, limit, skip_bad, skipped) -> list[Episode]:
                     functions=functions, history=history, env=env, relevant=_relevant_functions(task),
                     task=task))
             except (KeyError, TypeError, ValueError, AttributeError) as err:
-                _bad_item(f"{path}: task {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: task {index} (id {_id_of(task)}) is malformed", err, skip_bad, skipped)
     return episodes
+
+
+def bfcl_episodes(categories, limit, skip_bad, skipped) -> list[Episode]:
+    """One episode per BFCL question; every non-Finish action is answered with bfcl.OBSERVATION."""
+    episodes = []
+    for category in categories:
+        for index, entry in enumerate(bfcl.load_entries(category)[:limit]):
+            try:
+                functions = bfcl.functions_for(entry)
+                episodes.append(Episode(
+                    subset=category, query_id=str(entry["id"]), query=bfcl.user_query(entry), functions=functions,
+                    history=bfcl.conversation(entry), env=bfcl.FixedEnv(functions), relevant=[]))
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                _bad_item(f"BFCL {category}: question {index} (id {_id_of(entry)}) is malformed", err,
+                          skip_bad, skipped)
+    return episodes
+
+
+def bfcl_prediction(e: Episode) -> dict:
+    """bfcl_predictions.jsonl's line: the calls of the steps up to Finish, a broken or a runaway step."""
+    texts = []
+    for step in e.steps:
+        if step.get("status") == "runaway":
+            break
+        texts.append(step["text"])
+    return {"id": e.query_id, "category": e.subset, "calls": bfcl.calls_from_steps(texts), "outcome": e.outcome,
+            "steps": e.steps, "prompt_tokens": e.prompt_tokens}
+
+
+def run_bfcl(args, decoder: Decoder, skipped: list) -> tuple[dict, dict]:
+    """Run BFCL's questions, write bfcl_predictions.jsonl, BFCL's result files and bfcl_scores.json,
+    score them with bfcl_eval's checker; the metrics per category and the leaderboard's columns."""
+    try:
+        categories = bfcl.categories_of(args.bfcl_categories)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    episodes = bfcl_episodes(categories, args.limit, args.skip_bad, skipped)
+    run_episodes(episodes, decoder, args.max_steps, args.suite)
+    records = [bfcl_prediction(e) for e in episodes]
+    write_jsonl(args.out / "bfcl_predictions.jsonl", records)
+    scores = bfcl.score(records, args.out, partial=args.limit is not None)
+    (args.out / "bfcl_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    subsets = {}
+    for category, es in _by(lambda e: e.subset, episodes).items():
+        subsets[category] = scores["categories"][category] | {
+            "queries": len(es),
+            "not_fitting": sum(e.outcome == "context_full" and not e.steps for e in es),
+            "unparsable_steps": sum(s.get("status") == "malformed" for e in es for s in e.steps),
+        }
+    return subsets, scores
 
 
 # ============================================================================ episode metrics
@@ -393,7 +460,7 @@ def replay_items(paths, tools_dir, limit, skip_bad, skipped) -> list[dict]:
             try:
                 rows.append(toolbench.check_row(row))
             except toolbench.BadRow as err:
-                _bad_item(f"{path}: row {index} is malformed", err, skip_bad, skipped)
+                _bad_item(f"{path}: row {index} (id {_id_of(row)}) is malformed", err, skip_bad, skipped)
         # Step-exploded rows repeat their trajectory's prefix: collapse them so each step counts once.
         for chain in list(toolbench.chains(rows, collapse=True))[:limit]:
             for turn, message in enumerate(chain.conversations):
@@ -473,6 +540,8 @@ COLUMNS = {
     "replay": [("steps", "steps"), ("parse", "parse_rate"), ("action", "action_accuracy"),
                ("args EM", "argument_exact_match"), ("finish", "finish_accuracy")],
 }
+COLUMNS["bfcl"] = [("questions", "queries"), ("correct", "correct"), ("accuracy", "accuracy"),
+                   ("not fitting", "not_fitting"), ("unparsable", "unparsable_steps")]
 COLUMNS["synthetic"] = COLUMNS["stabletoolbench"][:1] + [("pass", "pass_rate")] + COLUMNS["stabletoolbench"][1:]
 
 
@@ -530,6 +599,8 @@ def run_suite(args, decoder: Decoder, key: str | None, skipped: list) -> tuple[d
         for name, rs in groups.items():
             write_jsonl(out / "records" / f"{name}.jsonl", rs)
         return {name: replay_metrics(rs) for name, rs in groups.items()}, replay_metrics(records)
+    if args.suite == "bfcl":
+        return run_bfcl(args, decoder, skipped)
     if args.suite == "stabletoolbench":
         make_env = recorded_env if not args.tool_server else (
             lambda query: server_env(query, args.tool_server, key, args.tool_timeout))
@@ -595,7 +666,8 @@ def main(argv=None) -> dict:
         "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),
         "commit": git_commit(),
         "config": json.loads(json.dumps(vars(args), default=str)) | {"max_len": max_len, "kernels": model.kernels},
-        "data": [str(p) for p in args.data] if args.data else "in-memory synthetic test split",
+        "data": [str(p) for p in args.data] if args.data else (
+            f"bfcl-eval {overall['bfcl_eval_version']}" if args.suite == "bfcl" else "in-memory synthetic test split"),
         "subsets": subsets, "overall": overall, "skipped": skipped,
         "timings": {"load_s": loaded - started, "evaluate_s": finished - loaded, "generate_s": decoder.seconds,
                     "generate_calls": decoder.calls, "new_tokens": decoder.new_tokens,
@@ -611,11 +683,15 @@ def main(argv=None) -> dict:
     if args.suite == "stabletoolbench":
         print("tool calls: " + ", ".join(f"{outcome} {n}" for outcome, n in overall["calls"].items())
               + f" ({'tool server ' + args.tool_server if args.tool_server else 'recorded environment'})")
+    if args.suite == "bfcl":
+        print(bfcl.columns_text(overall))
     if args.suite == "synthetic":
         by_type = overall["pass_rate_by_type"]
         print("pass rate by task type: " + ", ".join(f"{kind} {rate:.3f}" for kind, rate in by_type.items()))
     if skipped:
-        print(f"skipped {len(skipped)} malformed item(s); see results.json 'skipped'")
+        print(f"skipped {len(skipped)} malformed input item(s) (all in results.json 'skipped'):")
+        for message in skipped[:5]:
+            print(f"  {message}")
     t = results["timings"]
     print(f"{args.suite}: {t['new_tokens']} new tokens in {t['generate_s']:.1f} s of decoding "
           f"({t['new_tokens_per_s'] or 0:.0f} tok/s), {t['evaluate_s']:.1f} s in all; results in {out}")

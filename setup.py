@@ -1,7 +1,8 @@
 """slm: OPT from scratch, SFT on ToolBench tool calls, offline ToolBench evaluation.
 
 Install torch first (`pip install torch==2.13.0`, or your CUDA build): a bare `torch` requirement
-otherwise pulls the newest CUDA wheels. Then `pip install -e ".[test]"`.
+otherwise pulls the newest CUDA wheels. Then `pip install -e ".[test]"` (BFCL's scorer: `pip install -e
+".[test,bfcl]" && pip install --no-deps bfcl-eval==2026.3.23`).
 
 `slm` is the only import name the project installs. The top-level kernels/ folder is `slm.kernels`
 (Hugging Face's `kernels` package, which transformers needs, owns the name `kernels`): a checkout finds it
@@ -43,5 +44,9 @@ setup(
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
     # "kernels" is Hugging Face's package (transformers >= 5.25 needs it): tests/test_import_name.py runs beside it.
-    extras_require={"test": ["pytest", "transformers>=4.40", "kernels"]},
+    # "bfcl" is what bfcl_eval's checker imports; bfcl-eval itself goes in with --no-deps (README, BFCL):
+    # its own requirements pin numpy==1.26.4 and pull every provider SDK, faiss and sentence-transformers.
+    extras_require={"test": ["pytest", "transformers>=4.40", "kernels"],
+                    "bfcl": ["tree_sitter==0.21.3", "tree-sitter-java==0.21.0", "tree-sitter-javascript==0.21.4",
+                             "tenacity", "filelock", "python-dotenv", "overrides", "pandas", "requests", "openai"]},
 )

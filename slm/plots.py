@@ -50,11 +50,13 @@ def plot_loss(metrics_jsonl, png) -> None:
 
 
 def plot_pass_rate(results: dict, png) -> None:
-    """Bars of the pass rate per task type (synthetic suite) or the offline pass rate per subset (other
-    suites), from evaluate.py's results; a rate that could not be computed (no queries) is drawn as 0
+    """Bars of the pass rate per task type (synthetic suite), BFCL's accuracy per category (bfcl suite)
+    or the offline pass rate per subset (other suites), from evaluate.py's results; a rate that could not be computed (no queries) is drawn as 0
     and labelled n/a."""
     overall = results["overall"]
-    if overall.get("pass_rate_by_type"):
+    if results.get("suite") == "bfcl":
+        rates, what = {name: m.get("accuracy") for name, m in results["subsets"].items()}, "BFCL accuracy"
+    elif overall.get("pass_rate_by_type"):
         rates, what = {**overall["pass_rate_by_type"], "all": overall.get("pass_rate")}, "pass rate"
     else:
         rates = {name: m.get("offline_pass_rate") for name, m in results["subsets"].items()}

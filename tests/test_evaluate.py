@@ -349,7 +349,7 @@ def test_replay_end_to_end(tiny_model, tmp_path):
              SHARED / "toolbench/trajectories/toolbench_dfs/G1_answer/10_ChatGPT_DFS_woFilter_w2.json",
              REFERENCE / "toolbench_tooleval_default_evalset/gpt-3.5-turbo_CoT/G3_instruction.json"]
     results = evaluate.main(["--model", str(tiny_model), "--suite", "replay", "--data", *map(str, files),
-                             "--tools", str(shared(TOOLS)), "--limit", "1", "--skip-bad",
+                             "--tools", str(shared(TOOLS)), "--limit", "1",
                              "--out", str(tmp_path), *FAST])
     assert set(results["subsets"]) == {"toolllama_dfs_data_example", "G1_answer", "G3_instruction"}
     overall = results["overall"]
@@ -379,14 +379,29 @@ def test_bad_inputs(tiny_model, tmp_path, capsys):
     bad.write_text(json.dumps([good, {**good, "relevant APIs": [["NoSuchTool", "x"]]}]))
     common = ["--model", str(tiny_model), "--suite", "stabletoolbench", "--data", str(bad),
               "--tools", str(shared(TOOLS)), "--out", str(tmp_path / "out"), "--max-steps", "1", *FAST]
-    with pytest.raises(SystemExit, match=r"G1_broken.json: query 1 is malformed.*NoSuchTool"):
-        evaluate.main(common)
-    results = evaluate.main(common + ["--skip-bad"])
+    with pytest.raises(SystemExit, match=r"G1_broken.json: query 1 \(id .*\) is malformed.*NoSuchTool"):
+        evaluate.main(common + ["--strict"])
+    results = evaluate.main(common)
     assert results["overall"]["queries"] == 1 and len(results["skipped"]) == 1
-    # A file that is not a list of queries stops the run, --skip-bad or not: nothing in it can be read.
-    bad.write_text(json.dumps([good, {"query": "no api list"}]))
+    # A query without api_list is named (file, position, id, what is missing), counted and skipped.
+    bad.write_text(json.dumps([good, {"query": "no api list", "query_id": 77}, good]))
+    results = evaluate.main(common)
+    assert results["overall"]["queries"] == 2
+    assert results["skipped"] == [f"{bad}: query 1 (id 77) is malformed: it has no 'api_list'"]
+    assert "skipped 1 malformed input item(s)" in capsys.readouterr().out
+    # A file that is not a list of queries stops the run: nothing in it can be read.
+    bad.write_text(json.dumps({"query": "not a list"}))
     with pytest.raises(SystemExit, match=r"G1_broken.json: cannot read it as a list of queries"):
-        evaluate.main(common + ["--skip-bad"])
+        evaluate.main(common)
+    # The synthetic suite's tasks likewise.
+    task_file = tmp_path / "tasks.json"
+    from data import synthetic
+    tasks = synthetic.make_tasks("test", 2, 0)
+    task_file.write_text(json.dumps([tasks[0], {k: v for k, v in tasks[1].items() if k != "api_list"}]))
+    results = evaluate.main(["--model", str(tiny_model), "--suite", "synthetic", "--data", str(task_file),
+                             "--out", str(tmp_path / "syn"), "--max-steps", "1", *FAST])
+    assert results["overall"]["queries"] == 1 and "task 1 (id " in results["skipped"][0]
+    assert "it has no 'api_list'" in results["skipped"][0]
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model", "m", "--suite", "synthetic", "--tool-server", "http://127.0.0.1:9/virtual"])
     assert "--tool-server serves the stabletoolbench suite only" in capsys.readouterr().err
