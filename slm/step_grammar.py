@@ -8,8 +8,8 @@
     step_grammar.mask_logits(logits, [matcher, None, ...])   # (B, vocab) rows at once; None rows untouched
 
 The step is what the model was trained to write after "Assistant: ": "\\nThought: " a thought of at
-most `thought_tokens` tokens (default `THOUGHT_TOKENS`), "\\nAction: " one allowed name, "\\nAction Input: " a JSON object valid for
-that name's parameters (llguidance's `%json{schema}`), then `</s>` (the tokenizer's EOS, allowed once the
+most `thought_chars` characters (default `THOUGHT_CHARS`), "\\nAction: " one allowed name,
+"\\nAction Input: " a JSON object valid for that name's parameters (llguidance's `%json{schema}`), then `</s>` (the tokenizer's EOS, allowed once the
 step is complete). JSON whitespace is not free: ToolBench's own steps write OpenAI's indented JSON
 (`{\\n  "city": "Paris"\\n}`) and some compact JSON, so whitespace between tokens is at most a newline and
 `JSON_INDENT` spaces: both are accepted, and a model cannot pad forever.
@@ -23,8 +23,8 @@ on a copy (ids unchanged): in OPT's tokenizer JSON they are ordinary tokens, whi
 otherwise let the model write as text.
 
 Not accepted, on purpose: a call to a function the prompt does not declare (one real step in ../shared
-calls `dota_2_steam_web`, a tool's name), and a thought that itself contains "\nAction: " followed by
-something other than an allowed name (the thought ends at its first "\nAction: ").
+calls `dota_2_steam_web`, a tool's name), and a thought that itself contains "\\nAction: " followed by
+something other than an allowed name (the thought ends at its first "\\nAction: ").
 """
 
 import functools
@@ -37,7 +37,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from .tokenizer import EOS_ID
 from .toolbench.schemas import FINISH, FINISH_FUNCTION
 
-THOUGHT_TOKENS = 384   # ToolBench's longest thoughts in ../shared are 314 OPT tokens
+THOUGHT_CHARS = 3000   # ToolBench's longest thoughts in ../shared are about 1500 characters (314 OPT tokens)
 JSON_INDENT = 24       # the most spaces after a newline inside the arguments (indent 2, 12 levels deep)
 _NOT_TEXT = ("<s>", "<unk>", "<mask>")
 
@@ -57,11 +57,15 @@ class StepMatcher:
 
     @property
     def done(self) -> bool:
-        """The step is over: EOS was taken, or the matcher stopped (nothing more may follow)."""
+        """The step is complete: nothing but EOS may follow (llguidance stops a finished grammar)."""
         return self._matcher.is_stopped() or self._matcher.is_error()
 
     def allowed(self) -> torch.Tensor:
-        """A (vocab,) bool tensor of the tokens the grammar allows next."""
+        """A (vocab,) bool tensor of the tokens the grammar allows next (only EOS once the step is done)."""
+        if self.done:
+            only_eos = torch.zeros(self._vocab, dtype=torch.bool)
+            only_eos[EOS_ID] = True
+            return only_eos
         words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
         bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.flatten()[:self._vocab].bool()
@@ -100,18 +104,51 @@ def _allowed_functions(functions: list[dict], tool_choice) -> list[dict]:
     raise ValueError(f'tool_choice must be "auto", "required", "none" or {{"name": X}}, not {tool_choice!r}')
 
 
-def step_lark(functions: list[dict], tool_choice="auto", thought_tokens: int = THOUGHT_TOKENS) -> str:
-    """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them)."""
+def bounded(schema, chars: int = 48, items: int = 3):
+    """`schema` with every value of bounded size, for decoding that must end within a token budget.
+
+    Strings get maxLength `chars`, arrays maxItems `items`, integers a 9-digit range, objects no keys
+    beyond their properties (tighter limits already there are kept). Real ToolBench arguments can be
+    longer (a Finish answer), so this is for a budget, not the default.
+    """
+    if isinstance(schema, list):
+        return [bounded(s, chars, items) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded(value, chars, items) if key in ("items", "anyOf", "oneOf", "allOf") else value
+           for key, value in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: bounded(s, chars, items) for name, s in schema["properties"].items()}
+    kind = schema.get("type")
+    if kind == "string":
+        out["maxLength"] = min(schema.get("maxLength", chars), chars)
+    elif kind == "array":
+        out["maxItems"] = min(schema.get("maxItems", items), items)
+    elif kind in ("integer", "number"):
+        out["minimum"] = max(schema.get("minimum", -10**9), -10**9)
+        out["maximum"] = min(schema.get("maximum", 10**9), 10**9)
+    elif kind == "object":
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
+              budget: bool = False) -> str:
+    """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them);
+    `budget` bounds the arguments' values (`bounded`)."""
     whitespace = {"whitespace_pattern": f"(\n {{0,{JSON_INDENT}}})? ?"}
     calls = []
     for function in _allowed_functions(functions, tool_choice):
         schema = dict(function.get("parameters") or {"type": "object"})
+        if budget:
+            schema = bounded(schema)
         schema["x-guidance"] = whitespace
         calls.append(_lark_string(f"{function['name']}\nAction Input: ") + " %json" + json.dumps(schema))
     return "\n".join([
         'start: "\\nThought: " thought call',
-        # Lazy: the thought ends at the first "\nAction: ", which it includes.
-        f"thought[lazy, max_tokens={thought_tokens}]: /(.|\\n)*\\nAction: /",
+        # Lazy: the thought ends at the first "\nAction: ", which it includes. Bounded in characters (so
+        # in tokens too): a token cap would end the lexeme anywhere, "\nAction: " unwritten.
+        f"thought[lazy]: /(.|\\n){{0,{thought_chars}}}\\nAction: /",
         "call: " + "\n    | ".join(calls),
     ]) + "\n"
 
@@ -125,10 +162,11 @@ class StepGrammar:
         hf.add_special_tokens([name for name in _NOT_TEXT if name in vocab])   # ids unchanged
         self.ll_tokenizer = llguidance.LLTokenizer(hf.to_str(), eos_token=EOS_ID)
 
-    def matcher(self, functions: list[dict], tool_choice="auto", thought_tokens: int = THOUGHT_TOKENS) -> StepMatcher:
-        """A matcher for one step; `thought_tokens` bounds the thought (a decoder that must end within N
-        new tokens passes less, e.g. N // 2)."""
-        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_tokens))
+    def matcher(self, functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
+                budget: bool = False) -> StepMatcher:
+        """A matcher for one step. A decoder that must end within N new tokens (any model, an untrained
+        one too) passes thought_chars=N // 4 (at most that many tokens) and budget=True (`bounded` arguments)."""
+        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, budget))
 
 
 @functools.cache
@@ -138,7 +176,7 @@ def for_tokenizer(tok) -> StepGrammar:
 
 
 def mask_logits(logits: torch.Tensor, matchers: list) -> None:
-    """Mask (B, vocab) logits in place, row i by matchers[i]; rows whose matcher is None or done are left."""
+    """Mask (B, vocab) logits in place, row i by matchers[i]; rows whose matcher is None are left."""
     for row, matcher in zip(logits, matchers):
-        if matcher is not None and not matcher.done:
+        if matcher is not None:
             matcher.mask_logits(row)
