@@ -133,15 +133,15 @@ def bounded(schema, chars: int = 48, items: int = 3):
 
 
 def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
-              budget: bool = False) -> str:
+              value_chars: int | None = None) -> str:
     """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them);
-    `budget` bounds the arguments' values (`bounded`)."""
+    `value_chars` bounds the arguments' values (`bounded`), None leaves them free."""
     whitespace = {"whitespace_pattern": f"(\n {{0,{JSON_INDENT}}})? ?"}
     calls = []
     for function in _allowed_functions(functions, tool_choice):
         schema = dict(function.get("parameters") or {"type": "object"})
-        if budget:
-            schema = bounded(schema)
+        if value_chars is not None:
+            schema = bounded(schema, chars=value_chars)
         schema["x-guidance"] = whitespace
         calls.append(_lark_string(f"{function['name']}\nAction Input: ") + " %json" + json.dumps(schema))
     return "\n".join([
@@ -163,10 +163,10 @@ class StepGrammar:
         self.ll_tokenizer = llguidance.LLTokenizer(hf.to_str(), eos_token=EOS_ID)
 
     def matcher(self, functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
-                budget: bool = False) -> StepMatcher:
+                value_chars: int | None = None) -> StepMatcher:
         """A matcher for one step. A decoder that must end within N new tokens (any model, an untrained
-        one too) passes thought_chars=N // 4 (at most that many tokens) and budget=True (`bounded` arguments)."""
-        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, budget))
+        one too) passes thought_chars=N // 4 (at most that many tokens) and value_chars (`bounded`)."""
+        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, value_chars))
 
 
 @functools.cache

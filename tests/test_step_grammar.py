@@ -114,7 +114,7 @@ def test_untrained_model_ends_in_a_schema_valid_call(opt_tokenizer, tool_choice,
     model = untrained_model(50272, seed)   # OPT's embedding rows: wider than the tokenizer's 50265
     functions = [WEATHER, BOOKING]
     prompts = [opt_tokenizer.encode("User: book a flight\nAssistant: "), opt_tokenizer.encode("Assistant: ")]
-    matchers = [grammar.matcher(functions, tool_choice, thought_chars=64, budget=True) for _ in prompts]
+    matchers = [grammar.matcher(functions, tool_choice, thought_chars=64, value_chars=48) for _ in prompts]
     outputs = slm.generate(model, prompts, max_new_tokens=256, constraints=matchers)
     schemas = {f["name"]: f["parameters"] for f in functions}
     for tokens in outputs:
