@@ -133,3 +133,13 @@ def test_unconstrained_rows_decode_as_without_constraints(opt_tokenizer):
     matcher = step_grammar.for_tokenizer(opt_tokenizer).matcher([WEATHER], "required")
     mixed = slm.generate(model, prompts, max_new_tokens=16, constraints=[None, matcher])
     assert mixed[0] == plain[0]
+
+
+def test_works_with_a_trained_tokenizer_whose_merges_span_words(tmp_path):
+    """The smoke models' kind of tokenizer: whole phrases as tokens, names isolated."""
+    steps = [step.partition("\nAction Input: ")[0] for _, step in real_steps()][:40]
+    tok = slm.train_tokenizer(steps * 3, 600, tmp_path, isolate=slm.tokenizer.NAMES)
+    grammar = step_grammar.for_tokenizer(tok)
+    call = '\nThought: I will check the weather.\nAction: get_weather_for_weather\nAction Input: {\n  "city": "Paris"\n}'
+    assert accepts(grammar, tok, [WEATHER], call)
+    assert not accepts(grammar, tok, [WEATHER], call.replace("get_weather_for_weather", "get_weather"))
