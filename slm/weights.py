@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .chat import CHAT_TEMPLATE
 from .config import OPTConfig
 from .model import OPT
 
@@ -233,10 +234,14 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
 
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     tok.save(out_dir)
-    if tok.isolate is not None:  # merges across words: transformers' GPT2Tokenizer cannot reproduce it
+    if tok.isolate is not None:
+        # Merges across words: transformers' GPT2Tokenizer cannot reproduce it, so no tokenizer_config.json;
+        # the chat template still ships, as transformers' standalone chat_template.jinja file.
+        (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         return
     # What transformers' AutoTokenizer needs to build OPT's tokenizer from vocab.json + merges.txt.
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False,
         "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE,   # apply_chat_template renders what slm.chat.render renders
     }, indent=2) + "\n")
