@@ -16,7 +16,7 @@ step (CUDA graphs on CUDA, C++ kernels on the CPU), and those seconds are printe
 its tokens must equal eager slm's in float32.
 
 tokens/s = batch * new_tokens / seconds;  ms/token (batch 1) = seconds / new_tokens * 1000.
-Targets (PERF.md, H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
+Targets (H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
 
 The stabletoolbench run evaluates the random model on every query file of ../shared with the real
 tokenizer; random weights never write </s>, so every episode ends after one step of --new-tokens

@@ -20,7 +20,7 @@ agree. Then each side runs --warmup untimed steps and --passes timed passes over
 GPU one side after the other (one model on the GPU at a time, so peak memory is each side's own), on
 a CPU alternating pass by pass (a shared CPU's load drifts; both sides then see the same).
 Throughput counts real (non-padding) tokens; MFU = FLOP/token x tokens/s / peak, with FLOP/token =
-6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and the device's dense bf16/fp16 datasheet peak
+6*N_mm + 12*L*d*T (train.flops_per_token) and the device's dense bf16/fp16 datasheet peak
 (train.PEAK_FLOPS: 989 TFLOP/s on an H100 SXM), also shown against the ~790 an 8192^3 bf16 matmul
 reaches on an H100 in practice. A table is printed
 last, with the JSON beside it.

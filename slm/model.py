@@ -35,7 +35,6 @@ from .config import OPTConfig
 
 # Each op's implementation unless `kernels=` names another ("attention" defaults to `attn`).
 DEFAULT_KERNELS = {"attention": "sdpa", "layer_norm": "torch", "linear_cross_entropy": "torch"}
-ATTENTION_IMPLEMENTATIONS = tuple(registry.available()["attention"])   # the shipped ones: flags' choices
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
 
 
