@@ -30,6 +30,18 @@ def pytest_configure(config):
                                        "them, `pytest -m \"not slow\"` is the quick loop")
 
 
+@pytest.fixture
+def kernel_registry():
+    """slm.kernels.register for one test: the registry's table is put back afterwards, so later tests in
+    the same process see the shipped implementations only."""
+    from slm.kernels import registry
+
+    saved = {op: dict(names) for op, names in registry._TABLE.items()}
+    yield registry.register
+    registry._TABLE.clear()
+    registry._TABLE.update(saved)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where test tensors live: the GPU when there is one, else the CPU (kernels through the interpreter)."""

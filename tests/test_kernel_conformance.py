@@ -324,31 +324,22 @@ def wrong_residual_gradient(x, weight, bias, eps, residual=None):
     return user_layer_norm(x, weight, bias, eps, residual)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    """kernels.register for one test; the registry's table is put back afterwards, so later tests in the
-    same process see the stock implementations only."""
-    for op, names in kernels.registry._TABLE.items():
-        monkeypatch.setitem(kernels.registry._TABLE, op, dict(names))
-    return kernels.register
-
-
 @pytest.mark.parametrize("op", list(PEERS))
-def test_the_benchmark_peers_conform(registered, op):
-    registered(op, "peer", PEERS[op])
+def test_the_benchmark_peers_conform(kernel_registry, op):
+    kernel_registry(op, "peer", PEERS[op])
     case = CASES[op][0]
     assert check_case(op, "peer", case, FP32) == []
 
 
-def test_a_users_implementation_conforms(registered):
-    registered("layer_norm", "user_example", user_layer_norm)
+def test_a_users_implementation_conforms(kernel_registry):
+    kernel_registry("layer_norm", "user_example", user_layer_norm)
     assert conformance_failures("layer_norm", "user_example") == []
 
 
 @pytest.mark.parametrize("broken,symptom", [(forgets_residual, "output: "), (frozen_weight, "grad weight: no gradient"),
                                             (wrong_residual_gradient, "grad residual: ")])
-def test_a_wrong_implementation_fails(registered, broken, symptom):
-    registered("layer_norm", "broken", broken)
+def test_a_wrong_implementation_fails(kernel_registry, broken, symptom):
+    kernel_registry("layer_norm", "broken", broken)
     failures = conformance_failures("layer_norm", "broken")
     assert failures and any(symptom in f for f in failures), failures
     if symptom == "output: ":

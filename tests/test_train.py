@@ -299,14 +299,14 @@ def run_3(tmp_path_factory, sft_data, models):
     return out
 
 
-def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, capsys):
+def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, capsys, kernel_registry):
     reference, calls = kernels.get("linear_cross_entropy", "torch"), []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return reference(*args, **kwargs)
 
-    kernels.register("linear_cross_entropy", "test_counted", counted)
+    kernel_registry("linear_cross_entropy", "test_counted", counted)
     run_train(["--model", str(models["plain"]), "--data", str(sft_data), "--out", str(tmp_path),
                "--batch-size", "1", "--grad-accum", "1", "--max-steps", "1",
                "--kernels", "attention=sdpa,linear_cross_entropy=test_counted", "--attn", "eager"])  # later wins
@@ -344,7 +344,7 @@ def test_activation_checkpointing_gives_the_same_losses(run_3, sft_data, models,
         assert losses(tmp_path, key) == losses(run_3, key)   # fp32 on CPU: bit for bit
 
 
-def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, models, tmp_path):
+def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, models, tmp_path, kernel_registry):
     sdpa, calls = kernels.get("attention", "sdpa"), []
 
     def runs_out_at_step_3(q, k, v, **kwargs):   # one layer, one micro-batch: one call per step
@@ -354,7 +354,7 @@ def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, model
                                          "capacity of 23.68 GiB of which 1.02 GiB is free. (...)")
         return sdpa(q, k, v, **kwargs)
 
-    kernels.register("attention", "test_out_of_memory", runs_out_at_step_3)
+    kernel_registry("attention", "test_out_of_memory", runs_out_at_step_3)
     args = ["--model", str(models["dropout"]), "--data", str(sft_data), "--out", str(tmp_path), *RUN_3_STEPS]
     with pytest.raises(SystemExit) as stop:
         run_train([*args, "--kernels", "attention=test_out_of_memory"])
