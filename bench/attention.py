@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.testing
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
-
-from bench import provenance  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
+from slm import provenance  # noqa: E402
 from slm.kernels import (  # noqa: E402
     attention_reference, attention_varlen_reference, compile_check, flash_attention, flash_attention_varlen, runtime)
 from slm.kernels.testing import GPU_TOLERANCES, difference, outputs_and_gradients  # noqa: E402

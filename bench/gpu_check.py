@@ -57,8 +57,9 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # before bench/ (this script's directory), whose kernels.py would shadow kernels/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
 SECTIONS = ("gpu_tests", "attention", "train_step", "decode", "memory", "resume")
 # Seconds per section on an H100/H200 (Triton and torch.compile compile inside them); they add up to
 # the 8-minute budget, and a section never gets more than what the budget has left.
@@ -153,7 +154,8 @@ def environment() -> dict:
     import transformers
     import triton
 
-    provenance = import_bench("provenance")
+    from slm import provenance
+
     device = provenance.device_name("cuda" if torch.cuda.is_available() else "cpu")
     return {"device": device, "commit": provenance.git_commit(), "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__}

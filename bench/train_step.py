@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
 
 from slm import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
-from bench import provenance  # noqa: E402
+from slm import provenance  # noqa: E402
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "toolbench" / "sft" / "toolllama_dfs_data_example.json"
@@ -112,11 +113,11 @@ class Side:
 
     def timed_pass(self):
         """One optimizer step per micro-batch over all of them (both sides hold the same real tokens)."""
-        sync(self.device)
+        harness.sync(self.device)
         start = time.perf_counter()
         for b in self.data:
             self.step(b)
-        sync(self.device)
+        harness.sync(self.device)
         self.seconds += time.perf_counter() - start
         self.passes += 1
 
@@ -131,11 +132,6 @@ class Side:
             r["mfu"] = flop_per_token * r["tok_s"] / peak
             r["mfu_vs_790"] = flop_per_token * r["tok_s"] / train.PRACTICAL_H100_FLOPS
         return r
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free(device):
