@@ -19,8 +19,8 @@ all within --budget seconds:
   train_step  bench/train_step.py's sides: one random opt-350m, 8 x 2048 packed rows, fp16 and bf16 autocast,
               ours (sdpa; triton attention; every triton kernel) vs transformers' OPTForCausalLM + SDPA as
               TRL's SFTTrainer runs it (padded rows, full logits): tokens/s, MFU, peak memory, after a loss check.
-              MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (train.flops_per_token),
-              peak from train.PEAK_FLOPS by device name (train.peak_flops).
+              MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (slm.flops.flops_per_token),
+              peak from slm.flops.PEAK_FLOPS by device name (slm.flops.peak_flops).
   decode      bench/decode.py's pairs: greedy slm.generate vs transformers' generate() at batch 1 and 32
               (ms/token, share of equal tokens), eager and captured (slm.generate(..., compile=True)).
   memory      bench/memory.py --json's estimate next to torch.cuda.max_memory_allocated of the same step.
@@ -277,7 +277,7 @@ def section_train_step(ctx: Context) -> dict:
     import torch
     import transformers
 
-    import train
+    from slm import flops
 
     train_step = import_bench("train_step")
     dry = ctx.dry
@@ -291,7 +291,7 @@ def section_train_step(ctx: Context) -> dict:
     weights = slm.load_model(checkpoint).state_dict()
     device = torch.device(ctx.device)
     device_name = environment()["device"]
-    peak = train.peak_flops(device)   # None off CUDA
+    peak = flops.peak_flops(device)   # None off CUDA
 
     variants = {"slm sdpa": dict(attn="sdpa"), "slm triton attention": dict(attn="triton"),
                 "slm all triton kernels": dict(kernels=ALL_TRITON)}
@@ -311,7 +311,7 @@ def section_train_step(ctx: Context) -> dict:
             model.load_state_dict(weights)
             sides.append(train_step.Side(name, model, train_step.ours_loss, packed, device, dtype))
         sides.append(train_step.Side("transformers sdpa, padded", peer, train_step.peer_loss, padded, device, dtype))
-        flop_per_token = train.flops_per_token(sides[0].model, args.seq_len)
+        flop_per_token = flops.flops_per_token(sides[0].model, args.seq_len)
 
         # Correctness first: the loss per trained token of each side over the same examples, dropout off.
         losses = {}

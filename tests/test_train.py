@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from slm import kernels
 import slm
+from slm import flops
+from slm.checkpoint import checkpoint_dirs
 from conftest import REPO, shared_path
 
 sys.path.insert(0, str(REPO))
@@ -132,8 +134,8 @@ def test_untrained_targets_change_neither_loss_nor_gradients(implementation):
                                         ("NVIDIA A10G", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)])
 def test_peak_flops_by_device_name_most_specific_first(name, peak, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.peak_flops(torch.device("cuda")) == peak
-    assert train.peak_flops(torch.device("cpu")) is None
+    assert flops.peak_flops(torch.device("cuda")) == peak
+    assert flops.peak_flops(torch.device("cpu")) is None
 
 
 def test_steps_stop_at_epoch_ends_and_positions_resume_the_stream(sft_data):
@@ -169,7 +171,7 @@ def test_step_gradient_is_that_of_the_mean_loss_per_trained_token(lm, sft_data, 
 
     result = train.train_step(micro, lm, 0.0, model, model, train.make_optimizers(model, cfg),
                               torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
-                              cfg, train.Processes(1, 0, 0, cpu, torch.float32))
+                              cfg, train.Process(1, 0, 0, cpu, torch.float32))
     assert result["loss"] == pytest.approx(total.item() / n, rel=1e-6)
     assert result["gnorm"] == pytest.approx(expected_norm.item(), rel=1e-5)
     assert (result["trained"], result["tokens"]) == (n, sum(b.n_tokens for b in micro)) and result["finite"]
@@ -275,7 +277,7 @@ def test_sigkill_then_resume_reproduces_every_loss(sft_data, models, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before the kill: nothing was tested"
-    assert [p.name for p in train.checkpoint_dirs(killed)][-1] == "step_00000002"
+    assert [p.name for p in checkpoint_dirs(killed)][-1] == "step_00000002"
     assert reference_run.wait(timeout=120) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     log.close()
     reference = losses(whole)
@@ -314,7 +316,7 @@ def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, 
     assert "kernels attention=eager,layer_norm=torch,linear_cross_entropy=test_counted" in capsys.readouterr().out
     assert calls == [1]     # the step's loss went through the chosen implementation
     assert json.loads((tmp_path / "train_config.json").read_text())["kernels"] == resolved
-    ckpt = train.checkpoint_dirs(tmp_path)[-1]
+    ckpt = checkpoint_dirs(tmp_path)[-1]
     assert json.loads((ckpt / "config.json").read_text())["kernels"] == resolved
 
 
