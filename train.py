@@ -71,7 +71,7 @@ import resource
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -91,45 +91,71 @@ from slm.weights import resolve_checkpoint
 # -------------------------------------------------------------------------------------------- config
 
 
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def grad_accum_arg(text: str) -> int:
+    """--grad-accum: a positive integer, or `auto` (stored as 0)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def setting(default, help: str, **flag):
+    """A TrainConfig field: its default, its --flag's help (the presets' values are appended to it) and
+    any other add_argument settings (type, choices, action); flag=False for one without a --flag."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "paper"
+    preset: str = setting("paper", "", flag=False)
     # what is trained on what
-    model: str | None = "facebook/opt-350m"  # HF checkpoint dir or hub id; None: random init (smoke)
-    tokenizer: str | None = None     # dir with vocab.json + merges.txt; default: the model's directory
-    data: str | None = None          # shard directory from data/prepare.py
-    out: str = "runs/paper"          # run directory
-    resume: bool = False             # continue from the latest intact checkpoint in out
+    model: str | None = setting("facebook/opt-350m", "HF checkpoint dir or hub id; unset: a random tiny OPT")
+    tokenizer: str | None = setting(None, "dir with vocab.json + merges.txt; unset: the model's directory")
+    data: str | None = setting(None, "shard directory written by data/prepare.py (smoke: generated in OUT/smoke)")
+    out: str = setting("runs/paper", "run directory")
+    resume: bool = setting(False, "continue from the latest intact checkpoint in OUT", action="store_true")
     # the paper's optimisation
-    epochs: int = 1
-    max_steps: int | None = None     # stop after this many optimizer steps (the schedule spans them)
-    batch_size: int = 8              # rows per micro-batch and process (packed: max_len tokens a row)
-    grad_accum: int = 0              # micro-batches per optimizer step, all processes together;
-                                     # 0 (auto): as many trained turns per step as `paper_rows` paper rows
-    paper_rows: int = 32             # the paper's effective batch (8 x 4), in its step-exploded rows
-    max_len: int = 2048              # OPT's positions; the shards must be fitted to it
-    packing: bool = True             # pack examples into rows (varlen attention); False: pad per batch
-    lr: float = 5e-5
-    warmup: int = 100                # linear warmup steps, then linear decay to 0
-    weight_decay: float = 0.01       # AdamW, decoupled; biases and LayerNorm weights are exempt
-    optimizer: str = "adamw"         # adamw | muon: Muon for the decoder's weight matrices, AdamW the rest
-    muon_lr: float = 0.005           # Muon's peak learning rate (same schedule as --lr)
-    grad_clip: float = 0.3           # max global grad norm
-    lm_fraction: float = 0.0         # share of the steps, first, whose loss covers every token (see above)
-    dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
+    epochs: int = setting(1, "passes over the data", type=int)
+    max_steps: int | None = setting(None, "optimizer steps to run; the LR schedule spans them (unset: the epochs')",
+                                    type=int)
+    batch_size: int = setting(8, "rows per micro-batch per process (packed: max_len tokens a row)", type=int)
+    grad_accum: int = setting(0, "micro-batches per optimizer step over all processes, or 'auto' (0): as many "
+                                 "trained turns per step as --paper-rows paper rows", type=grad_accum_arg)
+    paper_rows: int = setting(32, "the paper's effective batch (8 x 4) in its step-exploded rows, which 'auto' "
+                                  "matches", type=int)
+    max_len: int = setting(2048, "tokens per row (OPT's positions); the shards must be fitted to it", type=int)
+    packing: bool = setting(True, "pack examples into rows with varlen attention, or pad each batch "
+                                  "(--no-packing)", action=argparse.BooleanOptionalAction)
+    lr: float = setting(5e-5, "peak learning rate", type=float)
+    warmup: int = setting(100, "linear warmup steps, then linear decay to 0", type=int)
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay; biases and LayerNorm weights are exempt",
+                                  type=float)
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the decoder's weight matrices and AdamW for the "
+                                      "rest", choices=OPTIMIZERS)
+    muon_lr: float = setting(0.005, "Muon's peak learning rate, on --lr's schedule", type=float)
+    grad_clip: float = setting(0.3, "max global gradient norm", type=float)
+    lm_fraction: float = setting(0.0, "share of the steps, first, trained on every token as language modelling",
+                                 type=float)
+    dtype: str | None = setting(None, "autocast precision; unset: fp16 on cuda, fp32 on cpu", choices=DTYPES)
     # machinery
-    kernels: dict | None = None      # {op: name} from the registry (--kernels, --attn); resolved at start
-                                     # to every op by default_kernels
-    activation_checkpointing: bool = False   # recompute each decoder layer in backward
-    device: str | None = None        # cpu | cuda; None: cuda when available
-    seed: int = 0
-    eval_fraction: float = 0.01      # share of queries held out for eval loss (0: no eval)
-    eval_every: int = 500
-    log_every: int = 10
-    save_every: int = 500
-    keep: int = 2                    # checkpoints kept
-    max_bad_steps: int = 20          # consecutive non-finite steps before the run stops
-    smoke_tasks: int = 200           # smoke: synthetic training tasks generated
+    kernels: dict | None = setting(None, "", flag=False)   # {op: name} from --kernels/--attn; default_kernels
+                                                           # resolves every op at start
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward instead of keeping "
+                                                    "its activations (less memory)", action="store_true")
+    device: str | None = setting(None, "unset: cuda when available", choices=("cpu", "cuda"))
+    seed: int = setting(0, "seed of init, data order, dropout and eval split", type=int)
+    eval_fraction: float = setting(0.01, "share of queries held out for eval loss (0: no eval)", type=float)
+    eval_every: int = setting(500, "eval loss every N steps and at the end", type=int)
+    log_every: int = setting(10, "a log line and a metrics.jsonl entry every N steps", type=int)
+    save_every: int = setting(500, "a checkpoint every N steps and at the end", type=int)
+    keep: int = setting(2, "checkpoints to keep", type=int)
+    max_bad_steps: int = setting(20, "consecutive non-finite steps that stop the run", type=int)
+    smoke_tasks: int = setting(200, "smoke preset: synthetic training tasks to generate", type=int)
 
 
 PRESETS = {
@@ -144,59 +170,27 @@ PRESETS = {
 SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
 SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (slm/smoke_init.py); best of 0.02/0.05/0.1
 SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (slm/smoke_init.py)
-OPTIMIZERS = ("adamw", "muon")
 SMOKE_VOCAB = 4096
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-def grad_accum_arg(text: str) -> int:
-    """--grad-accum: a positive integer, or `auto` (stored as 0)."""
-    if text == "auto":
-        return 0
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return int(text)
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """A TrainConfig from the command line: one flag per field, each unset flag taking the preset's value."""
     p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument  # every default is None: "take the preset's value"
-    a("--preset", choices=PRESETS, default="paper", help="base settings (default paper)")
-    a("--model", help="HF checkpoint dir or hub id (paper: facebook/opt-350m; smoke: random tiny OPT)")
-    a("--tokenizer", help="dir with vocab.json + merges.txt (default: the model's directory)")
-    a("--data", help="shard directory written by data/prepare.py (smoke: generated in OUT/smoke)")
-    a("--out", help="run directory (paper: runs/paper, smoke: runs/smoke)")
-    a("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT")
-    a("--epochs", type=int, help="passes over the data (default 1)")
-    a("--max-steps", type=int, help="optimizer steps to run; the LR schedule spans them (default: epochs)")
-    a("--batch-size", type=int, help="rows per micro-batch per process (paper 8)")
-    a("--grad-accum", type=grad_accum_arg,
-      help="micro-batches per optimizer step over all processes, or 'auto' (paper): 32 paper rows' worth")
-    a("--paper-rows", type=int, help="paper rows per step that 'auto' matches (default 32)")
-    a("--max-len", type=int, help="tokens per row; the shards must be fitted to it (default 2048)")
-    a("--packing", action=argparse.BooleanOptionalAction, default=None,
-      help="pack examples into rows with varlen attention (default) or pad each batch (--no-packing)")
-    a("--lr", type=float, help="peak learning rate (paper 5e-5)")
-    a("--warmup", type=int, help="linear warmup steps (paper 100)")
-    a("--weight-decay", type=float, help="AdamW weight decay (paper 0.01)")
-    a("--optimizer", choices=OPTIMIZERS,
-      help="adamw (paper), or muon: Muon for the decoder's weight matrices and AdamW for the rest (smoke)")
-    a("--muon-lr", type=float, help="Muon's peak learning rate, on --lr's schedule (default 0.005)")
-    a("--grad-clip", type=float, help="max global gradient norm (paper 0.3)")
-    a("--lm-fraction", type=float,
-      help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.3)")
-    a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
-    kernels.add_arguments(p, "attention triton on cuda, sdpa on cpu; layer_norm and linear_cross_entropy torch")
-    a("--activation-checkpointing", action="store_true", default=None,
-      help="recompute each decoder layer in backward instead of keeping its activations (less memory)")
-    a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    a("--seed", type=int, help="seed of init, data order, dropout and eval split (default 0)")
-    a("--eval-fraction", type=float, help="share of queries held out for eval loss (default 0.01)")
-    a("--eval-every", type=int, help="eval loss every N steps and at the end (default 500)")
-    a("--log-every", type=int, help="a log line and a metrics.jsonl entry every N steps (default 10)")
-    a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
-    a("--keep", type=int, help="checkpoints to keep (default 2)")
-    a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
-    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 13500)")
+    p.add_argument("--preset", choices=PRESETS, default="paper", help="base settings (default paper)")
+    for f in fields(TrainConfig):
+        flag = dict(f.metadata)
+        if not flag.pop("flag", True):
+            continue
+        values = {name: getattr(preset, f.name) for name, preset in PRESETS.items()}
+        shown = {name: "unset" if v is None else v for name, v in values.items()}
+        presets = (f"default {shown['paper']}" if len(set(map(str, shown.values()))) == 1
+                   else ", ".join(f"{name} {v}" for name, v in shown.items()))
+        flag["help"] = f"{flag['help']} ({presets})"
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **flag)   # None: the preset's value
+        if f.name == "dtype":   # the kernel flags sit with the other machinery
+            kernels.add_arguments(p, "attention triton on cuda, sdpa on cpu; layer_norm and linear_cross_entropy "
+                                     "torch")
     args = vars(p.parse_args(argv))
     return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
 
