@@ -83,7 +83,7 @@ import slm
 from slm import flops, smoke_init
 from slm.checkpoint import barrier, checkpoint_dirs, load_checkpoint, save_checkpoint
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
-from slm.muon import Muon
+from slm.optimizers import make_optimizers, set_lr
 from slm.plots import plot_loss
 from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
@@ -293,35 +293,6 @@ def optimizer_steps(loader: PackedLoader, accum: int):
             micro.append(b)
             epoch = loader.epoch
         yield micro, position or loader.state_dict()
-
-
-def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
-    """AdamW over every parameter (the paper's), or with --optimizer muon, Muon over the decoder layers'
-    weight matrices and AdamW over the rest (embeddings, the tied head, biases, LayerNorms).
-
-    Transformers' Trainer (the paper's) exempts biases and LayerNorm weights from weight decay: the 1-D
-    parameters here. Embeddings (the tied head included) decay, as they did there. Each param group
-    keeps its peak learning rate in "peak_lr"; the loop scales it by the schedule.
-
-    Why Muon for the smoke model: it orthogonalises each matrix's momentum (Newton-Schulz), so every
-    direction of a weight matrix moves at the same rate. The smoke model, from random init with the same
-    head start, reached an eval loss of 0.12 in 1,200 steps with it and 0.25 with AdamW (BENCHMARKS.md).
-    """
-    muon = [p for name, p in model.named_parameters()
-            if p.dim() == 2 and name.startswith("layers.")] if cfg.optimizer == "muon" else []
-    in_muon = {id(p) for p in muon}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in in_muon]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizers = [torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
-         {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)]
-    if muon:
-        qkv = {id(layer.attn.qkv.weight) for layer in model.layers}   # fused q/k/v: three matrices to Muon
-        optimizers.append(Muon([{"params": [p for p in muon if id(p) not in qkv], "peak_lr": cfg.muon_lr},
-                                {"params": [p for p in muon if id(p) in qkv], "peak_lr": cfg.muon_lr, "blocks": 3}],
-                               lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
-    return optimizers
 
 
 def log_line(path: Path, record: dict):
@@ -628,9 +599,7 @@ def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, s
     for optimizer in optimizers:
         scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
     gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-    for optimizer in optimizers:         # every group follows the schedule from its own peak
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["peak_lr"] / cfg.lr
+    set_lr(optimizers, lr, cfg.lr)       # every group follows the schedule from its own peak
     read = torch.stack([loss_total.double(), gnorm.double()])
     step_loss, gnorm, *summed_counts = (torch.cat([read, counts]) if world > 1 else read).tolist()   # the sync
     step_trained, step_tokens = map(int, summed_counts) if world > 1 else counts

@@ -24,6 +24,7 @@ from slm import kernels
 import slm
 from slm import flops
 from slm.checkpoint import checkpoint_dirs
+from slm.optimizers import make_optimizers
 from conftest import REPO, shared_path
 
 sys.path.insert(0, str(REPO))
@@ -91,7 +92,7 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     names = {id(p): name for name, p in model.named_parameters()}
     for choice, expected in (("adamw", [28]), ("muon", [20, 8])):   # 8 = 2 layers x (qkv, o, fc1, fc2)
         cfg = train.TrainConfig(optimizer=choice, lr=1e-3, muon_lr=0.02)
-        optimizers = train.make_optimizers(model, cfg)
+        optimizers = make_optimizers(model, cfg)
         held = [[names[id(p)] for group in o.param_groups for p in group["params"]] for o in optimizers]
         assert [len(h) for h in held] == expected and sorted(sum(held, [])) == sorted(names.values())
         if choice == "muon":
@@ -169,7 +170,7 @@ def test_step_gradient_is_that_of_the_mean_loss_per_trained_token(lm, sft_data, 
     grads = torch.autograd.grad(total / n, list(model.parameters()))
     expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
-    result = train.train_step(micro, lm, 0.0, model, model, train.make_optimizers(model, cfg),
+    result = train.train_step(micro, lm, 0.0, model, model, make_optimizers(model, cfg),
                               torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
                               cfg, train.Process(1, 0, 0, cpu, torch.float32))
     assert result["loss"] == pytest.approx(total.item() / n, rel=1e-6)
