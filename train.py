@@ -33,7 +33,7 @@ none, so the preset gives it four head starts, each measured in BENCHMARKS.md:
   (~20% of the tokens) are too weak a signal for copying to form. Then the turns only, as the paper;
   the eval loss is always that of the trained turns;
 - a position table that starts from sine waves, so "one token back" is one linear map at every position;
-- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`slm/smoke_init.py`),
+- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`slm/smoke.py`),
   the first half of a copying circuit, which the model would otherwise take most of its budget to find;
 - Muon (--optimizer muon) for the decoder's weight matrices, AdamW for the rest.
 
@@ -80,12 +80,11 @@ from tqdm import tqdm
 
 from slm import kernels
 import slm
-from slm import flops, smoke_init
-from slm.checkpoint import barrier, checkpoint_dirs, load_checkpoint, save_checkpoint
+from slm import flops, smoke
+from slm.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
 from slm.optimizers import make_optimizers, set_lr
 from slm.plots import plot_loss
-from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
 
 # -------------------------------------------------------------------------------------------- config
@@ -167,10 +166,6 @@ PRESETS = {
                          optimizer="muon", eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
                          smoke_tasks=13500),
 }
-SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
-SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (slm/smoke_init.py); best of 0.02/0.05/0.1
-SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (slm/smoke_init.py)
-SMOKE_VOCAB = 4096
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -300,36 +295,6 @@ def log_line(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-# ----------------------------------------------------------------------------------------- smoke data
-
-
-def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
-    """Synthetic tasks -> ToolLLaMA rows -> (a BPE tokenizer trained on them) -> shards via data/prepare.py.
-
-    Built once per run directory (a resumed run reuses it, so the tokenizer fingerprint holds). The
-    tokenizer is trained only when neither --tokenizer nor --model gave one."""
-    from data import synthetic
-    from data.prepare import prepare
-    from slm import toolbench
-
-    tok_dir, data_dir = Path(cfg.tokenizer or directory / "tokenizer"), directory / "data"
-    if master and not (data_dir / "meta.json").is_file():
-        trajectories = [synthetic.trajectory(t) for t in synthetic.make_tasks("train", cfg.smoke_tasks, cfg.seed)]
-        rows = [row for t in trajectories for row in synthetic.explode(t)]   # ToolBench's released form
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "train.json").write_text(json.dumps(rows))
-        if cfg.tokenizer is None:
-            # Merges may span words: ToolBench's fixed instructions become a few tokens (slm/tokenizer.py).
-            texts = [toolbench.render(t) for t in trajectories]
-            tok = slm.train_tokenizer(texts, SMOKE_VOCAB, tok_dir, isolate=names_pattern(texts),
-                                      max_token_chars=256)
-        else:
-            tok = slm.load_tokenizer(tok_dir)
-        prepare([directory / "train.json"], tok, data_dir, max_len=cfg.max_len, show_progress=False)
-    barrier(world)
-    cfg.tokenizer, cfg.data = str(tok_dir), str(data_dir)
-
-
 # ------------------------------------------------------------------------------------------ phases
 # main() runs these in order: setup, tokenizer, data, model, optimizer, resume, loop, summary.
 
@@ -394,7 +359,7 @@ def load_tokenizer_for(cfg: TrainConfig, process: Process, run_dir: Path):
         except slm.CheckpointError as err:
             fail(f"--model: {err}")
     if cfg.preset == "smoke" and cfg.data is None:
-        smoke_data(cfg, run_dir / "smoke", process.master, process.world)   # sets cfg.data (and cfg.tokenizer if unset)
+        smoke.smoke_data(cfg, run_dir / "smoke", process.master, process.world)   # sets cfg.data (and cfg.tokenizer if unset)
     if cfg.tokenizer is None:
         fail("a randomly initialised model needs --tokenizer DIR")
     try:
@@ -471,9 +436,7 @@ def build_model(cfg: TrainConfig, tok, process: Process):
     torch.manual_seed(cfg.seed)
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
-        model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), kernels=cfg.kernels,
-                        activation_checkpointing=cfg.activation_checkpointing)
-        smoke_init.init_weights(model, cfg.seed, position_rms=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
+        model = smoke.model(vocab, cfg.seed, kernels=cfg.kernels, activation_checkpointing=cfg.activation_checkpointing)
     else:
         try:
             model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", kernels=cfg.kernels,

@@ -225,7 +225,7 @@ class OPT(nn.Module):
     def init_weights(self, seed: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding.
 
-        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke_init.py keeps
+        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke.py keeps
         drawing from after this); neither: torch's global one.
         """
         if generator is None and seed is not None:
