@@ -180,7 +180,7 @@ def test_interpreter_runs_on_a_fresh_process():
     from cu_seqlens, which Triton 3.6's interpreter cannot convert under numpy >= 2.4 unless the kernels
     apply kernels/interpreter_fix.py themselves; no test fixture may do it for them."""
     script = ("import torch\n"
-              "from kernels import flash_attention_varlen\n"
+              "from slm.kernels import flash_attention_varlen\n"
               "q = torch.randn(9, 2, 16)\n"
               "cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)\n"
               "out = flash_attention_varlen(q, q, q, cu_seqlens, 5)\n"
