@@ -64,7 +64,6 @@ an absolute path and pool.json holding [{"api_key": "...", "api_base": "https://
 import argparse
 import json
 import os
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ import slm
 from slm import bfcl, kernels, step_grammar, toolbench
 from slm.generate import generate
 from slm.plots import plot_pass_rate
+from slm.provenance import git_commit
 from slm.react import Episode, run_episodes
 from slm.tokenizer import EOS_ID
 from slm.toolbench import FINISH
@@ -587,17 +587,6 @@ def table(suite: str, results: dict) -> str:
     lines = [f"{'subset':<{width}}  " + "  ".join(f"{h:>11}" for h, _ in columns)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{cell(m.get(k)):>11}" for _, k in columns) for name, m in rows]
     return "\n".join(lines)
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
 
 
 def write_jsonl(path: Path, records) -> None:

@@ -33,7 +33,7 @@ none, so the preset gives it four head starts, each measured in BENCHMARKS.md:
   (~20% of the tokens) are too weak a signal for copying to form. Then the turns only, as the paper;
   the eval loss is always that of the trained turns;
 - a position table that starts from sine waves, so "one token back" is one linear map at every position;
-- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`slm/smoke_init.py`),
+- three of layer 0's four heads fitted at init to attend 1, 2 and 3 tokens back (`slm/smoke.py`),
   the first half of a copying circuit, which the model would otherwise take most of its budget to find;
 - Muon (--optimizer muon) for the decoder's weight matrices, AdamW for the rest.
 
@@ -71,89 +71,26 @@ import resource
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import slm
-from slm import kernels, smoke_init
+from slm import flops, kernels, smoke
+from slm.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset, split_by_query
-from slm.muon import Muon
+from slm.optimizers import make_optimizers, set_lr
 from slm.plots import plot_loss
-from slm.tokenizer import names_pattern
 from slm.weights import resolve_checkpoint
 
 # -------------------------------------------------------------------------------------------- config
 
 
-@dataclass
-class TrainConfig:
-    preset: str = "paper"
-    # what is trained on what
-    model: str | None = "facebook/opt-350m"  # HF checkpoint dir or hub id; None: random init (smoke)
-    tokenizer: str | None = None     # dir with vocab.json + merges.txt; default: the model's directory
-    data: str | None = None          # shard directory from data/prepare.py
-    out: str = "runs/paper"          # run directory
-    resume: bool = False             # continue from the latest intact checkpoint in out
-    # the paper's optimisation
-    epochs: int = 1
-    max_steps: int | None = None     # stop after this many optimizer steps (the schedule spans them)
-    batch_size: int = 8              # rows per micro-batch and process (packed: max_len tokens a row)
-    grad_accum: int = 0              # micro-batches per optimizer step, all processes together;
-                                     # 0 (auto): as many trained turns per step as `paper_rows` paper rows
-    paper_rows: int = 32             # the paper's effective batch (8 x 4), in its step-exploded rows
-    max_len: int = 2048              # OPT's positions; the shards must be fitted to it
-    packing: bool = True             # pack examples into rows (varlen attention); False: pad per batch
-    lr: float = 5e-5
-    warmup: int = 100                # linear warmup steps, then linear decay to 0
-    weight_decay: float = 0.01       # AdamW, decoupled; biases and LayerNorm weights are exempt
-    optimizer: str = "adamw"         # adamw | muon: Muon for the decoder's weight matrices, AdamW the rest
-    muon_lr: float = 0.005           # Muon's peak learning rate (same schedule as --lr)
-    grad_clip: float = 0.3           # max global grad norm
-    lm_fraction: float = 0.0         # share of the steps, first, whose loss covers every token (see above)
-    dtype: str | None = None         # fp16 | bf16 | fp32 autocast; None: fp16 on cuda, fp32 on cpu
-    # machinery
-    kernels: dict | None = None      # {op: name} from the registry (--kernels, --attn); resolved at start
-                                     # to every op by default_kernels
-    activation_checkpointing: bool = False   # recompute each decoder layer in backward
-    device: str | None = None        # cpu | cuda; None: cuda when available
-    seed: int = 0
-    eval_fraction: float = 0.01      # share of queries held out for eval loss (0: no eval)
-    eval_every: int = 500
-    log_every: int = 10
-    save_every: int = 500
-    keep: int = 2                    # checkpoints kept
-    max_bad_steps: int = 20          # consecutive non-finite steps before the run stops
-    smoke_tasks: int = 200           # smoke: synthetic training tasks generated
-
-
-PRESETS = {
-    "paper": TrainConfig(),
-    # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
-    # tasks prepared by data/prepare.py; about 8 minutes on 2 CPU cores. The loop is the paper's.
-    "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
-                         max_len=512, epochs=1, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.3,
-                         optimizer="muon", eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
-                         smoke_tasks=13500),
-}
-SMOKE_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
-SMOKE_POSITION_RMS = 0.05   # sinusoidal start for the position table (slm/smoke_init.py); best of 0.02/0.05/0.1
-SMOKE_OFFSET_HEADS = (1, 2, 3)  # layer 0 heads that start attending 1, 2 and 3 tokens back (slm/smoke_init.py)
 OPTIMIZERS = ("adamw", "muon")
-SMOKE_VOCAB = 4096
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense (not sparse) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, for MFU (PaLM, arXiv 2204.02311,
-# appendix B), by a word of torch.cuda.get_device_name, the most specific first: "NVIDIA H100 PCIe",
-# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA A10G" (AWS's A10 variant, which has no datasheet of its own: the
-# A10's figure), "NVIDIA L4" (a whole word, so never an L40).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-              "A10G": 125e12, "L4": 121e12}
-# A 8192^3 bf16 matmul reaches about 790 TFLOP/s on an H100 SXM in practice (bench/train_step.py's second ratio).
-PRACTICAL_H100_FLOPS = 790e12
 
 
 def grad_accum_arg(text: str) -> int:
@@ -165,47 +102,89 @@ def grad_accum_arg(text: str) -> int:
     return int(text)
 
 
+def setting(default, help: str, **flag):
+    """A TrainConfig field: its default, its --flag's help (the presets' values are appended to it) and
+    any other add_argument settings (type, choices, action); flag=False for one without a --flag."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = setting("paper", "", flag=False)
+    # what is trained on what
+    model: str | None = setting("facebook/opt-350m", "HF checkpoint dir or hub id; unset: a random tiny OPT")
+    tokenizer: str | None = setting(None, "dir with vocab.json + merges.txt; unset: the model's directory")
+    data: str | None = setting(None, "shard directory written by data/prepare.py (smoke: generated in OUT/smoke)")
+    out: str = setting("runs/paper", "run directory")
+    resume: bool = setting(False, "continue from the latest intact checkpoint in OUT", action="store_true")
+    # the paper's optimisation
+    epochs: int = setting(1, "passes over the data", type=int)
+    max_steps: int | None = setting(None, "optimizer steps to run; the LR schedule spans them (unset: the epochs')",
+                                    type=int)
+    batch_size: int = setting(8, "rows per micro-batch per process (packed: max_len tokens a row)", type=int)
+    grad_accum: int = setting(0, "micro-batches per optimizer step over all processes, or 'auto' (0): as many "
+                                 "trained turns per step as --paper-rows paper rows", type=grad_accum_arg)
+    paper_rows: int = setting(32, "the paper's effective batch (8 x 4) in its step-exploded rows, which 'auto' "
+                                  "matches", type=int)
+    max_len: int = setting(2048, "tokens per row (OPT's positions); the shards must be fitted to it", type=int)
+    packing: bool = setting(True, "pack examples into rows with varlen attention, or pad each batch "
+                                  "(--no-packing)", action=argparse.BooleanOptionalAction)
+    lr: float = setting(5e-5, "peak learning rate", type=float)
+    warmup: int = setting(100, "linear warmup steps, then linear decay to 0", type=int)
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay; biases and LayerNorm weights are exempt",
+                                  type=float)
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the decoder's weight matrices and AdamW for the "
+                                      "rest", choices=OPTIMIZERS)
+    muon_lr: float = setting(0.005, "Muon's peak learning rate, on --lr's schedule", type=float)
+    grad_clip: float = setting(0.3, "max global gradient norm", type=float)
+    lm_fraction: float = setting(0.0, "share of the steps, first, trained on every token as language modelling",
+                                 type=float)
+    dtype: str | None = setting(None, "autocast precision; unset: fp16 on cuda, fp32 on cpu", choices=DTYPES)
+    # machinery
+    kernels: dict | None = setting(None, "", flag=False)   # {op: name} from --kernels/--attn; default_kernels
+                                                           # resolves every op at start
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward instead of keeping "
+                                                    "its activations (less memory)", action="store_true")
+    device: str | None = setting(None, "unset: cuda when available", choices=("cpu", "cuda"))
+    seed: int = setting(0, "seed of init, data order, dropout and eval split", type=int)
+    eval_fraction: float = setting(0.01, "share of queries held out for eval loss (0: no eval)", type=float)
+    eval_every: int = setting(500, "eval loss every N steps and at the end", type=int)
+    log_every: int = setting(10, "a log line and a metrics.jsonl entry every N steps", type=int)
+    save_every: int = setting(500, "a checkpoint every N steps and at the end", type=int)
+    keep: int = setting(2, "checkpoints to keep", type=int)
+    max_bad_steps: int = setting(20, "consecutive non-finite steps that stop the run", type=int)
+    smoke_tasks: int = setting(200, "smoke preset: synthetic training tasks to generate", type=int)
+
+
+PRESETS = {
+    "paper": TrainConfig(),
+    # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
+    # tasks prepared by data/prepare.py; about 8 minutes on 2 CPU cores. The loop is the paper's.
+    "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
+                         max_len=512, epochs=1, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.3,
+                         optimizer="muon", eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,
+                         smoke_tasks=13500),
+}
+
+
 def parse_args(argv=None) -> TrainConfig:
+    """A TrainConfig from the command line: one flag per field, each unset flag taking the preset's value."""
     p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument  # every default is None: "take the preset's value"
-    a("--preset", choices=PRESETS, default="paper", help="base settings (default paper)")
-    a("--model", help="HF checkpoint dir or hub id (paper: facebook/opt-350m; smoke: random tiny OPT)")
-    a("--tokenizer", help="dir with vocab.json + merges.txt (default: the model's directory)")
-    a("--data", help="shard directory written by data/prepare.py (smoke: generated in OUT/smoke)")
-    a("--out", help="run directory (paper: runs/paper, smoke: runs/smoke)")
-    a("--resume", action="store_true", default=None, help="continue from the latest checkpoint in OUT")
-    a("--epochs", type=int, help="passes over the data (default 1)")
-    a("--max-steps", type=int, help="optimizer steps to run; the LR schedule spans them (default: epochs)")
-    a("--batch-size", type=int, help="rows per micro-batch per process (paper 8)")
-    a("--grad-accum", type=grad_accum_arg,
-      help="micro-batches per optimizer step over all processes, or 'auto' (paper): 32 paper rows' worth")
-    a("--paper-rows", type=int, help="paper rows per step that 'auto' matches (default 32)")
-    a("--max-len", type=int, help="tokens per row; the shards must be fitted to it (default 2048)")
-    a("--packing", action=argparse.BooleanOptionalAction, default=None,
-      help="pack examples into rows with varlen attention (default) or pad each batch (--no-packing)")
-    a("--lr", type=float, help="peak learning rate (paper 5e-5)")
-    a("--warmup", type=int, help="linear warmup steps (paper 100)")
-    a("--weight-decay", type=float, help="AdamW weight decay (paper 0.01)")
-    a("--optimizer", choices=OPTIMIZERS,
-      help="adamw (paper), or muon: Muon for the decoder's weight matrices and AdamW for the rest (smoke)")
-    a("--muon-lr", type=float, help="Muon's peak learning rate, on --lr's schedule (default 0.005)")
-    a("--grad-clip", type=float, help="max global gradient norm (paper 0.3)")
-    a("--lm-fraction", type=float,
-      help="share of the steps, first, trained on every token as language modelling (paper 0; smoke 0.3)")
-    a("--dtype", choices=DTYPES, help="autocast precision (default fp16 on cuda, fp32 on cpu)")
-    kernels.add_arguments(p, "attention triton on cuda, sdpa on cpu; layer_norm and linear_cross_entropy torch")
-    a("--activation-checkpointing", action="store_true", default=None,
-      help="recompute each decoder layer in backward instead of keeping its activations (less memory)")
-    a("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    a("--seed", type=int, help="seed of init, data order, dropout and eval split (default 0)")
-    a("--eval-fraction", type=float, help="share of queries held out for eval loss (default 0.01)")
-    a("--eval-every", type=int, help="eval loss every N steps and at the end (default 500)")
-    a("--log-every", type=int, help="a log line and a metrics.jsonl entry every N steps (default 10)")
-    a("--save-every", type=int, help="a checkpoint every N steps and at the end (default 500)")
-    a("--keep", type=int, help="checkpoints to keep (default 2)")
-    a("--max-bad-steps", type=int, help="consecutive non-finite steps that stop the run (default 20)")
-    a("--smoke-tasks", type=int, help="smoke preset: synthetic training tasks to generate (smoke 13500)")
+    p.add_argument("--preset", choices=PRESETS, default="paper", help="base settings (default paper)")
+    for f in fields(TrainConfig):
+        flag = dict(f.metadata)
+        if not flag.pop("flag", True):
+            continue
+        values = {name: getattr(preset, f.name) for name, preset in PRESETS.items()}
+        shown = {name: "unset" if v is None else v for name, v in values.items()}
+        presets = (f"default {shown['paper']}" if len(set(map(str, shown.values()))) == 1
+                   else ", ".join(f"{name} {v}" for name, v in shown.items()))
+        flag["help"] = f"{flag['help']} ({presets})"
+        p.add_argument("--" + f.name.replace("_", "-"), default=None, **flag)   # None: the preset's value
+        if f.name == "dtype":   # the kernel flags sit with the other machinery
+            kernels.add_arguments(p, "attention triton on cuda, sdpa on cpu; layer_norm and linear_cross_entropy "
+                                     "torch")
     args = vars(p.parse_args(argv))
     return replace(PRESETS[args.pop("preset")], **{k: v for k, v in args.items() if v is not None})
 
@@ -224,14 +203,6 @@ def default_kernels(cfg: TrainConfig, device: torch.device) -> dict[str, str]:
     T x T mask) and to "sdpa" on CPU (exact, and fast where Triton would need its interpreter)."""
     attention = "triton" if device.type == "cuda" else "sdpa"
     return {**slm.model.DEFAULT_KERNELS, "attention": attention, **(cfg.kernels or {})}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16/fp16 peak (PEAK_FLOPS), or None off CUDA and for a GPU not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -274,10 +245,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def micro_batch_loss(model, opt: slm.OPT, b, device, lm: bool = False) -> tuple[torch.Tensor, int]:
+def micro_batch_loss(model, raw_model: slm.OPT, b, device, lm: bool = False) -> tuple[torch.Tensor, int]:
     """Summed loss of one micro-batch (a slm.data.Batch) and its number of trained targets.
 
-    `model` may be the DDP wrapper (whose forward synchronises gradients) of `opt`, whose tied embedding
+    `model` may be the DDP wrapper (whose forward synchronises gradients) of `raw_model`, whose tied embedding
     and loss kernel give the loss. lm: every next token is a target, not only the trained turns.
     """
     targets = b.lm_targets if lm else b.targets
@@ -289,8 +260,8 @@ def micro_batch_loss(model, opt: slm.OPT, b, device, lm: bool = False) -> tuple[
                        return_hidden=True)
     else:                          # padded rows
         hidden = model(input_ids, attention_mask=to_device(b.attention_mask, device), return_hidden=True)
-    loss = trained_token_loss(hidden, to_device(trained, device), to_device(labels, device), opt.lm_head_weight,
-                              opt.kernel("linear_cross_entropy"))
+    loss = trained_token_loss(hidden, to_device(trained, device), to_device(labels, device), raw_model.lm_head_weight,
+                              raw_model.kernel("linear_cross_entropy"))
     return loss, len(labels)
 
 
@@ -318,153 +289,9 @@ def optimizer_steps(loader: PackedLoader, accum: int):
         yield micro, position or loader.state_dict()
 
 
-def make_optimizers(model: slm.OPT, cfg: TrainConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
-    """AdamW over every parameter (the paper's), or with --optimizer muon, Muon over the decoder layers'
-    weight matrices and AdamW over the rest (embeddings, the tied head, biases, LayerNorms).
-
-    Transformers' Trainer (the paper's) exempts biases and LayerNorm weights from weight decay: the 1-D
-    parameters here. Embeddings (the tied head included) decay, as they did there. Each param group
-    keeps its peak learning rate in "peak_lr"; the loop scales it by the schedule.
-
-    Why Muon for the smoke model: it orthogonalises each matrix's momentum (Newton-Schulz), so every
-    direction of a weight matrix moves at the same rate. The smoke model, from random init with the same
-    head start, reached an eval loss of 0.12 in 1,200 steps with it and 0.25 with AdamW (BENCHMARKS.md).
-    """
-    muon = [p for name, p in model.named_parameters()
-            if p.dim() == 2 and name.startswith("layers.")] if cfg.optimizer == "muon" else []
-    in_muon = {id(p) for p in muon}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in in_muon]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizers = [torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
-         {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)]
-    if muon:
-        qkv = {id(layer.attn.qkv.weight) for layer in model.layers}   # fused q/k/v: three matrices to Muon
-        optimizers.append(Muon([{"params": [p for p in muon if id(p) not in qkv], "peak_lr": cfg.muon_lr},
-                                {"params": [p for p in muon if id(p) in qkv], "peak_lr": cfg.muon_lr, "blocks": 3}],
-                               lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
-    return optimizers
-
-
-def flops_per_token(model: slm.OPT, seq_len: int) -> float:
-    """Training FLOPs per token, 6*N_mm + 12*L*d*T (PaLM's MFU, arXiv 2204.02311 appendix B): N_mm counts
-    the weights used in matmuls (every Linear and the tied head, not the position table); the second
-    term is attention's."""
-    n_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    n_mm += model.lm_head_weight.numel()
-    c = model.config
-    return 6 * n_mm + 12 * c.num_hidden_layers * c.hidden_size * seq_len
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A checkpoint appears under its final name only once every
-    file is written (see save_checkpoint), so a name that exists is a checkpoint that is whole."""
-    root = run_dir / "checkpoints"
-    return sorted(root.glob("step_[0-9]*")) if root.is_dir() else []
-
-
-def save_checkpoint(run_dir: Path, *, step: int, state: dict, model, optimizers, scaler, cfg: TrainConfig,
-                    rank: int, world: int, keep: int) -> Path:
-    """Write into checkpoints/.tmp_step_N, then rename it to step_N: a killed run leaves either the
-    whole checkpoint or a temp dir that resume ignores. Every rank saves its own RNG state."""
-    root = run_dir / "checkpoints"
-    tmp, final = root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(world)
-    # Dropout is the only consumer of random numbers (the loader's order is a function of seed and epoch).
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        torch.save([optimizer.state_dict() for optimizer in optimizers], tmp / "optimizer.pt")
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
-        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    barrier(world)
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)   # a re-run of the same step (resume past it)
-        os.rename(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    barrier(world)
-    return final
-
-
-def load_checkpoint(ckpt: Path, *, model, optimizers, scaler, loader: PackedLoader, rank: int,
-                    device: torch.device) -> tuple[int, dict]:
-    """Restore what save_checkpoint wrote: weights, optimizer states, loss scale, data position and this
-    rank's RNG. Returns (step, trainer state). Each optimizer keeps this run's peak learning rate."""
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(device)))
-    saved = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    if isinstance(saved, dict):      # written before --optimizer existed: AdamW's state alone
-        saved = [saved]
-    if len(saved) != len(optimizers):
-        fail(f"cannot resume {ckpt}: it holds {len(saved)} optimizer state(s), this run's --optimizer has "
-             f"{len(optimizers)}")
-    for optimizer, optimizer_state in zip(optimizers, saved):
-        peaks = [group["peak_lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(optimizer_state)   # this takes the checkpoint's param groups
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["peak_lr"] = peak      # this run's --lr / --muon-lr, as for every other setting
-    scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    try:
-        loader.load_state_dict(state.pop("loader"))
-    except ValueError as err:
-        fail(f"cannot resume {ckpt}: {err}")
-    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and device.type == "cuda":
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state.pop("step"), state
-
-
-def barrier(world: int):
-    if world > 1:
-        dist.barrier()
-
-
 def log_line(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------------------- smoke data
-
-
-def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
-    """Synthetic tasks -> ToolLLaMA rows -> (a BPE tokenizer trained on them) -> shards via data/prepare.py.
-
-    Built once per run directory (a resumed run reuses it, so the tokenizer fingerprint holds). The
-    tokenizer is trained only when neither --tokenizer nor --model gave one."""
-    from data import synthetic
-    from data.prepare import prepare
-    from slm import toolbench
-
-    tok_dir, data_dir = Path(cfg.tokenizer or directory / "tokenizer"), directory / "data"
-    if master and not (data_dir / "meta.json").is_file():
-        trajectories = [synthetic.trajectory(t) for t in synthetic.make_tasks("train", cfg.smoke_tasks, cfg.seed)]
-        rows = [row for t in trajectories for row in synthetic.explode(t)]   # ToolBench's released form
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "train.json").write_text(json.dumps(rows))
-        if cfg.tokenizer is None:
-            # Merges may span words: ToolBench's fixed instructions become a few tokens (slm/tokenizer.py).
-            texts = [toolbench.render(t) for t in trajectories]
-            tok = slm.train_tokenizer(texts, SMOKE_VOCAB, tok_dir, isolate=names_pattern(texts),
-                                      max_token_chars=256)
-        else:
-            tok = slm.load_tokenizer(tok_dir)
-        prepare([directory / "train.json"], tok, data_dir, max_len=cfg.max_len, show_progress=False)
-    barrier(world)
-    cfg.tokenizer, cfg.data = str(tok_dir), str(data_dir)
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -472,8 +299,8 @@ def smoke_data(cfg: TrainConfig, directory: Path, master: bool, world: int):
 
 
 @dataclass
-class Processes:
-    """Where this process runs: torchrun's world, its rank, its device and precision."""
+class Process:
+    """This process: torchrun's world, its rank, its device and precision."""
 
     world: int
     rank: int
@@ -490,8 +317,8 @@ class Processes:
             print(*args, **kwargs)
 
 
-def setup(cfg: TrainConfig) -> tuple[Processes, Path]:
-    """Processes and device, precision, and a writable run directory that is not another run's."""
+def setup(cfg: TrainConfig) -> tuple[Process, Path]:
+    """Process and device, precision, and a writable run directory that is not another run's."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -520,10 +347,10 @@ def setup(cfg: TrainConfig) -> tuple[Processes, Path]:
     if checkpoints and not cfg.resume:
         fail(f"{run_dir} already holds checkpoints ({checkpoints[-1].name}): pass --resume to continue "
              "that run, or choose another --out")
-    return Processes(world, rank, local_rank, device, DTYPES[cfg.dtype]), run_dir
+    return Process(world, rank, local_rank, device, DTYPES[cfg.dtype]), run_dir
 
 
-def load_tokenizer_for(cfg: TrainConfig, procs: Processes, run_dir: Path):
+def load_tokenizer_for(cfg: TrainConfig, process: Process, run_dir: Path):
     """The model's tokenizer, or (smoke) the one trained on the generated corpus, with its data."""
     if cfg.tokenizer is None and cfg.model is not None:
         try:
@@ -531,7 +358,7 @@ def load_tokenizer_for(cfg: TrainConfig, procs: Processes, run_dir: Path):
         except slm.CheckpointError as err:
             fail(f"--model: {err}")
     if cfg.preset == "smoke" and cfg.data is None:
-        smoke_data(cfg, run_dir / "smoke", procs.master, procs.world)   # sets cfg.data (and cfg.tokenizer if unset)
+        smoke.smoke_data(cfg, run_dir / "smoke", process.master, process.world)   # sets cfg.data (and cfg.tokenizer if unset)
     if cfg.tokenizer is None:
         fail("a randomly initialised model needs --tokenizer DIR")
     try:
@@ -559,7 +386,7 @@ class Data:
     lm_steps: int           # the first steps, trained as language modelling
 
 
-def load_data(cfg: TrainConfig, tok, procs: Processes) -> Data:
+def load_data(cfg: TrainConfig, tok, process: Process) -> Data:
     """The shards, split by query into train / held-out, and how many micro-batches make a step."""
     if cfg.data is None:
         fail("--data DIR is required: the shard directory written by data/prepare.py")
@@ -573,7 +400,7 @@ def load_data(cfg: TrainConfig, tok, procs: Processes) -> Data:
     if len(train_idx) == 0:
         fail(f"--data {cfg.data} holds no training examples")
     mode = "packed" if cfg.packing else "padded"
-    world, rank = procs.world, procs.rank
+    world, rank = process.world, process.rank
     # Each process reads its own slice of every global micro-batch; with the same global batch the
     # steps see the same rows whatever the number of processes.
     loader = PackedLoader(dataset, seq_len=cfg.max_len, rows=cfg.batch_size, seed=cfg.seed,
@@ -603,14 +430,12 @@ def load_data(cfg: TrainConfig, tok, procs: Processes) -> Data:
                 accum, steps_per_epoch, total_steps, round(cfg.lm_fraction * total_steps))
 
 
-def build_model(cfg: TrainConfig, tok, procs: Processes):
+def build_model(cfg: TrainConfig, tok, process: Process):
     """(the model to call, which is DDP's wrapper under torchrun, and the model itself)."""
     torch.manual_seed(cfg.seed)
     if cfg.model is None:
         vocab = -(-tok.vocab_size // 8) * 8   # padded to a multiple of 8, as OPT's 50272
-        model = slm.OPT(slm.OPTConfig(vocab_size=vocab, **SMOKE_MODEL), kernels=cfg.kernels,
-                        activation_checkpointing=cfg.activation_checkpointing)
-        smoke_init.init_weights(model, cfg.seed, position_rms=SMOKE_POSITION_RMS, offset_heads=SMOKE_OFFSET_HEADS)
+        model = smoke.model(vocab, cfg.seed, kernels=cfg.kernels, activation_checkpointing=cfg.activation_checkpointing)
     else:
         try:
             model = slm.load_model(cfg.model, dtype=torch.float32, device="cpu", kernels=cfg.kernels,
@@ -622,18 +447,18 @@ def build_model(cfg: TrainConfig, tok, procs: Processes):
              f"{model.config.vocab_size}: they do not belong together")
     if cfg.max_len > model.config.max_position_embeddings:
         fail(f"--max-len {cfg.max_len} exceeds the model's {model.config.max_position_embeddings} positions")
-    model.to(procs.device).train()           # fp32 master weights; autocast computes in cfg.dtype
+    model.to(process.device).train()           # fp32 master weights; autocast computes in cfg.dtype
     raw_model = model
-    if procs.world > 1:
+    if process.world > 1:
         # gradient_as_bucket_view: the .grad tensors are views into DDP's all-reduce buckets, not a second copy.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
+            model, device_ids=[process.local_rank] if process.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-    torch.manual_seed(cfg.seed + procs.rank)  # dropout differs per process, as the data does
+    torch.manual_seed(cfg.seed + process.rank)  # dropout differs per process, as the data does
     return model, raw_model
 
 
-def resume(cfg: TrainConfig, procs: Processes, run_dir: Path, model, optimizers, scaler, loader) -> tuple[int, dict]:
+def resume(cfg: TrainConfig, process: Process, run_dir: Path, model, optimizers, scaler, loader) -> tuple[int, dict]:
     """(step, trainer state) from the latest checkpoint with --resume, else a fresh start; and metrics.jsonl
     made to hold exactly the lines of the steps done."""
     step, state = 0, {"skipped_steps": 0, "tokens": 0, "trained_tokens": 0}
@@ -641,74 +466,78 @@ def resume(cfg: TrainConfig, procs: Processes, run_dir: Path, model, optimizers,
     checkpoints = checkpoint_dirs(run_dir)
     if cfg.resume and checkpoints:
         ckpt = checkpoints[-1]
-        step, state = load_checkpoint(ckpt, model=model, optimizers=optimizers, scaler=scaler, loader=loader,
-                                      rank=procs.rank, device=procs.device)
+        try:
+            step, state = load_checkpoint(ckpt, model=model, optimizers=optimizers, scaler=scaler, loader=loader,
+                                          rank=process.rank, device=process.device)
+        except ValueError as err:
+            fail(str(err))
         saved = json.loads((ckpt / "config.json").read_text())
         changed = {k: (saved[k], v) for k, v in asdict(cfg).items()
                    if k in saved and saved[k] != v and k not in ("resume", "max_steps", "out")}
         if changed:
-            procs.say(f"warning: resuming with settings that differ from the checkpoint's: {changed}")
-        if procs.master:  # the killed run may have logged past its last checkpoint: those lines go
+            process.say(f"warning: resuming with settings that differ from the checkpoint's: {changed}")
+        if process.master:  # the killed run may have logged past its last checkpoint: those lines go
             kept = [line for line in metrics_path.read_text().splitlines()
                     if json.loads(line)["step"] <= step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in kept))
-        procs.say(f"resumed from {ckpt} at step {step}")
+        process.say(f"resumed from {ckpt} at step {step}")
     elif cfg.resume:
-        procs.say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-    if procs.master and step == 0:
+        process.say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+    if process.master and step == 0:
         metrics_path.write_text("")
-    if procs.master:
+    if process.master:
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
     return step, state
 
 
-def describe(cfg: TrainConfig, procs: Processes, data: Data, model, flop_per_token: float):
+def describe(cfg: TrainConfig, process: Process, data: Data, model, flop_per_token: float):
     """The resolved config, the data, what one step holds and the model, printed at start."""
     rows_per_step = cfg.batch_size * cfg.grad_accum
     stats = data.stats
-    procs.say("config " + json.dumps(asdict(cfg)))
-    procs.say(f"data: {len(data.train_idx)} train / {len(data.eval_idx)} held-out examples from {stats['rows_used']} "
+    process.say("config " + json.dumps(asdict(cfg)))
+    process.say(f"data: {len(data.train_idx)} train / {len(data.eval_idx)} held-out examples from {stats['rows_used']} "
               f"rows ({stats['trained_turns']} trained turns); {data.rows_per_epoch} {data.mode} rows of "
               f"{cfg.max_len} per epoch")
-    procs.say(f"step: {cfg.batch_size} rows x {cfg.grad_accum} micro-batches ({procs.world} process(es)) = "
+    process.say(f"step: {cfg.batch_size} rows x {cfg.grad_accum} micro-batches ({process.world} process(es)) = "
               f"{rows_per_step} {data.mode} rows, holding {rows_per_step * data.turns / data.rows_per_epoch:.1f} "
               f"trained turns on average = as many paper rows (paper: {cfg.paper_rows}); {data.steps_per_epoch} "
               f"steps/epoch (paper-equivalent: {data.paper_steps:.0f}), {data.total_steps} steps in all")
-    procs.say(f"model: {model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
-              f"{cfg.dtype} on {procs.device}, kernels "
+    process.say(f"model: {model.num_parameters():,} parameters, {flop_per_token / 1e9:.3f} GFLOP/token, "
+              f"{cfg.dtype} on {process.device}, kernels "
               + ",".join(f"{op}={name}" for op, name in model.kernels.items())
               + (", activation checkpointing" if model.activation_checkpointing else ""))
 
 
-def eval_loss(model, raw_model, eval_batches: list, autocast, procs: Processes) -> float:
+def eval_loss(model, raw_model, eval_batches: list, autocast, process: Process) -> float:
     """Mean loss per trained token over the held-out split (every process takes its share)."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=procs.device)   # (loss sum, trained tokens)
+    total = torch.zeros(2, dtype=torch.float64, device=process.device)   # (loss sum, trained tokens)
     with torch.no_grad(), autocast:
         for b in eval_batches:
-            loss_sum, n = micro_batch_loss(raw_model, raw_model, b, procs.device)
-            total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=procs.device)])
-    if procs.world > 1:
+            loss_sum, n = micro_batch_loss(raw_model, raw_model, b, process.device)
+            total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=process.device)])
+    if process.world > 1:
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, scaler, autocast, cfg: TrainConfig,
-               procs: Processes) -> dict:
+               process: Process) -> dict:
     """One optimizer step over its micro-batches: {loss, gnorm, finite, tokens, trained}.
 
     The loss is normalised by the trained tokens of the whole step, on every process (known before
     backward). A step whose loss or gradient is not finite leaves the weights alone.
 
-    One host sync per step here, the `.tolist()` below: whether to apply the update depends on the loss
+    One host sync per step here, the `.tolist()` below (the Triton cross-entropy adds one per micro-batch:
+    it checks its targets' range before its kernels run): whether to apply the update depends on the loss
     and gradient norm being finite, which only the host can decide, so they are read together (with the
     step's token counts under DDP). Everything else is queued without waiting: the trained-token count
     comes from the batches' metadata on the host, and under DDP its all-reduced sum stays on the device,
     where it normalises the loss. (GradScaler.step syncs once more for an optimizer without a fused
     fp16 step, i.e. Muon under --dtype fp16; AdamW on CUDA is fused. With --no-packing the model checks
     a batch for padding, one more.)"""
-    world, device = procs.world, procs.device
+    world, device = process.world, process.device
     # In language modelling every input token has its next token as target: n_tokens of them.
     counts = [sum(b.n_tokens if lm else b.n_trained for b in micro), sum(b.n_tokens for b in micro)]
     if world > 1:
@@ -732,9 +561,7 @@ def train_step(micro: list, lm: bool, lr: float, model, raw_model, optimizers, s
     for optimizer in optimizers:
         scaler.unscale_(optimizer)       # true gradients, for clipping (no-op unless fp16)
     gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-    for optimizer in optimizers:         # every group follows the schedule from its own peak
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["peak_lr"] / cfg.lr
+    set_lr(optimizers, lr, cfg.lr)       # every group follows the schedule from its own peak
     read = torch.stack([loss_total.double(), gnorm.double()])
     step_loss, gnorm, *summed_counts = (torch.cat([read, counts]) if world > 1 else read).tolist()   # the sync
     step_trained, step_tokens = map(int, summed_counts) if world > 1 else counts
@@ -785,7 +612,7 @@ def step_log(step: int, lm: bool, lr: float, result: dict, state: dict, meter: M
     return record, line
 
 
-def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data: Data, procs: Processes,
+def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data: Data, process: Process,
                   run_dir: Path) -> str:
     """The sentence a step that ran out of device memory stops with: what was asked, what lowers it, and
     where the run continues from."""
@@ -793,9 +620,9 @@ def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data
     where = (f"--resume continues from the last intact checkpoint, {last[-1]}" if last else
              "no checkpoint was written yet, so the run starts over")
     asked = re.search(r"Tried to allocate [\d.]+ \w+", str(err))   # torch's message runs to a paragraph
-    return (f"step {step} ran out of {procs.device.type} memory{f' ({asked[0]})' if asked else ''}"
+    return (f"step {step} ran out of {process.device.type} memory{f' ({asked[0]})' if asked else ''}"
             f" with micro-batches of {cfg.batch_size} rows x {cfg.max_len} tokens, {data.accum} of them a step, "
-            f"and a peak of {peak_memory_gib(procs.device):.2f} GiB so far; lower it with --activation-checkpointing "
+            f"and a peak of {peak_memory_gib(process.device):.2f} GiB so far; lower it with --activation-checkpointing "
             f"or --kernels linear_cross_entropy=triton ({where}), or with a smaller --batch-size and a larger "
             f"--grad-accum in a new --out (the data position depends on the batch size)")
 
@@ -805,38 +632,38 @@ def out_of_memory(err: torch.OutOfMemoryError, step: int, cfg: TrainConfig, data
 
 def main(argv=None):
     cfg = parse_args(argv)
-    procs, run_dir = setup(cfg)
-    tok = load_tokenizer_for(cfg, procs, run_dir)
-    data = load_data(cfg, tok, procs)
-    model, raw_model = build_model(cfg, tok, procs)
+    process, run_dir = setup(cfg)
+    tok = load_tokenizer_for(cfg, process, run_dir)
+    data = load_data(cfg, tok, process)
+    model, raw_model = build_model(cfg, tok, process)
 
-    optimizers = make_optimizers(raw_model, cfg, fused=procs.device.type == "cuda")
+    optimizers = make_optimizers(raw_model, cfg, fused=process.device.type == "cuda")
     # fp16 needs dynamic loss scaling (gradients underflow otherwise); bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(procs.device.type, enabled=cfg.dtype == "fp16")
-    autocast = torch.autocast(procs.device.type, dtype=procs.amp_dtype, enabled=cfg.dtype != "fp32")
+    scaler = torch.amp.GradScaler(process.device.type, enabled=cfg.dtype == "fp16")
+    autocast = torch.autocast(process.device.type, dtype=process.amp_dtype, enabled=cfg.dtype != "fp32")
 
-    step, state = resume(cfg, procs, run_dir, raw_model, optimizers, scaler, data.loader)
+    step, state = resume(cfg, process, run_dir, raw_model, optimizers, scaler, data.loader)
     metrics_path, loss_png = run_dir / "metrics.jsonl", run_dir / "loss.png"
-    flop_per_token = flops_per_token(raw_model, cfg.max_len)
-    peak = peak_flops(procs.device)
-    describe(cfg, procs, data, raw_model, flop_per_token)
+    flop_per_token = flops.flops_per_token(raw_model, cfg.max_len)
+    peak = flops.peak_flops(process.device)
+    describe(cfg, process, data, raw_model, flop_per_token)
 
     # ------------------------------------------------------------------------------------ training
     steps = optimizer_steps(data.loader, data.accum)
     bad_in_a_row, last_eval, loss_value = 0, None, float("nan")
     t_start = time.perf_counter()
-    meter = Meter(state, procs.device)
+    meter = Meter(state, process.device)
     step_start, tokens_start = step, state["tokens"]
-    bar = tqdm(total=data.total_steps, initial=step, disable=not procs.master, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=data.total_steps, initial=step, disable=not process.master, unit="step", dynamic_ncols=True)
     while step < data.total_steps:
         micro, position = next(steps)
         lm = step < data.lm_steps
         lr = lr_at(step, cfg, data.total_steps)
         try:
-            result = train_step(micro, lm, lr, model, raw_model, optimizers, scaler, autocast, cfg, procs)
+            result = train_step(micro, lm, lr, model, raw_model, optimizers, scaler, autocast, cfg, process)
         except torch.OutOfMemoryError as err:
             bar.close()
-            fail(out_of_memory(err, step + 1, cfg, data, procs, run_dir))
+            fail(out_of_memory(err, step + 1, cfg, data, process, run_dir))
         loss_value, gnorm = result["loss"], result["gnorm"]
         # The schedule advances after a skipped step too, as in transformers' Trainer after an fp16 overflow.
         bad_in_a_row = 0 if result["finite"] else bad_in_a_row + 1
@@ -855,23 +682,23 @@ def main(argv=None):
         # ------------------------------------------------------------------------ log, eval, save
         if step % cfg.log_every == 0 or step == data.total_steps:
             record, line = step_log(step, lm, lr, result, state, meter, flop_per_token, peak)
-            if procs.master:
+            if process.master:
                 log_line(metrics_path, record)
                 bar.write(line)
         if data.eval_batches and (step % cfg.eval_every == 0 or step == data.total_steps):
-            last_eval = eval_loss(model, raw_model, data.eval_batches, autocast, procs)
-            if procs.master:
+            last_eval = eval_loss(model, raw_model, data.eval_batches, autocast, process)
+            if process.master:
                 log_line(metrics_path, {"step": step, "eval_loss": last_eval})
                 bar.write(f"step {step:6d} | eval_loss {last_eval:.4f}")
                 plot_loss(metrics_path, loss_png)
         if step % cfg.save_every == 0 or step == data.total_steps:
             save_checkpoint(run_dir, step=step, state={"step": step, "loader": position, **state}, model=raw_model,
-                            optimizers=optimizers, scaler=scaler, cfg=cfg, rank=procs.rank, world=procs.world,
+                            optimizers=optimizers, scaler=scaler, config=asdict(cfg), rank=process.rank, world=process.world,
                             keep=cfg.keep)
     bar.close()
 
     # ------------------------------------------------------------------------------ export, summary
-    if procs.master:
+    if process.master:
         plot_loss(metrics_path, loss_png)
         tmp, final = run_dir / "final.tmp", run_dir / "final"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -879,12 +706,12 @@ def main(argv=None):
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
     elapsed = time.perf_counter() - t_start
-    procs.say(f"done: {step} steps ({step - step_start} this run) in {elapsed:.1f} s | last loss {loss_value:.4f}"
+    process.say(f"done: {step} steps ({step - step_start} this run) in {elapsed:.1f} s | last loss {loss_value:.4f}"
               + (f" | eval_loss {last_eval:.4f}" if last_eval is not None else "")
               + f" | {state['tokens']:,} tokens, {state['trained_tokens']:,} trained | "
               f"{(state['tokens'] - tokens_start) / elapsed:,.0f} tok/s this run | skipped steps "
               f"{state['skipped_steps']} | exported {run_dir / 'final'} | loss curve {loss_png}")
-    if procs.world > 1:
+    if process.world > 1:
         dist.destroy_process_group()
 
 

@@ -39,21 +39,17 @@ import torch
 import triton
 import triton.testing
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # the checkout first, before bench/ (this script's directory)
-
-from bench import provenance  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
+from slm import provenance  # noqa: E402
 from slm.kernels import (  # noqa: E402
     attention_reference, attention_varlen_reference, compile_check, flash_attention, flash_attention_varlen, runtime)
-from slm.kernels.reference import outputs_and_gradients  # noqa: E402
+from slm.kernels.testing import GPU_TOLERANCES, difference, outputs_and_gradients  # noqa: E402
 
 TOKENS_PER_BATCH = 16 * 1024
 HEADS, HEAD_DIM = 16, 64  # OPT-350M: hidden 1024 = 16 heads x 64
 
-# (dtype, atol, rtol) for the pre-benchmark check against the fp32 reference on a GPU: fp32 inputs run
-# their dots as tf32 (10 mantissa bits), and on a GPU half precision also rounds P and dS to 16 bits
-# before their dots (the interpreter keeps bf16 dots in fp32), so all are looser than the CPU tests'.
-GPU_TOLERANCES = {torch.float32: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
 def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool) -> float:
@@ -74,8 +70,7 @@ def compare(kernel_fn, reference_fn, inputs) -> dict:
     pairs = outputs_and_gradients(kernel_fn, reference_fn, inputs)
     result = {}
     for name, (actual, expected) in pairs.items():
-        diff = (actual.float() - expected).abs()
-        result[name] = (diff.max().item(), bool((diff <= atol + rtol * expected.abs()).all()))
+        result[name] = ((actual.float() - expected).abs().max().item(), not difference(name, actual, expected, atol, rtol))
     return result
 
 

@@ -16,7 +16,7 @@ step (CUDA graphs on CUDA, C++ kernels on the CPU), and those seconds are printe
 its tokens must equal eager slm's in float32.
 
 tokens/s = batch * new_tokens / seconds;  ms/token (batch 1) = seconds / new_tokens * 1000.
-Targets (PERF.md, H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
+Targets (H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
 
 The stabletoolbench run evaluates the random model on every query file of ../shared with the real
 tokenizer; random weights never write </s>, so every episode ends after one step of --new-tokens
@@ -34,11 +34,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
 from slm import kernels  # noqa: E402
 import slm  # noqa: E402
-from bench import provenance  # noqa: E402
+from slm import provenance  # noqa: E402
 from slm.generate import generate  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -51,11 +52,6 @@ def small_config() -> slm.OPTConfig:
                          word_embed_proj_dim=128, do_layer_norm_before=False)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fns: dict, device: str, repeats: int) -> tuple[dict, dict, dict]:
     """Seconds of `repeats` calls of each function, interleaved (a, b, a, b, ...) after one warm-up each.
 
@@ -64,18 +60,18 @@ def timed(fns: dict, device: str, repeats: int) -> tuple[dict, dict, dict]:
     """
     results, warmup = {}, {}
     for name, fn in fns.items():
-        sync(device)
+        harness.sync(device)
         start = time.perf_counter()
         results[name] = fn()
-        sync(device)
+        harness.sync(device)
         warmup[name] = time.perf_counter() - start
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync(device)
+            harness.sync(device)
             start = time.perf_counter()
             results[name] = fn()
-            sync(device)
+            harness.sync(device)
             times[name].append(time.perf_counter() - start)
     return times, results, warmup
 

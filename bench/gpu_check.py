@@ -19,8 +19,8 @@ all within --budget seconds:
   train_step  bench/train_step.py's sides: one random opt-350m, 8 x 2048 packed rows, fp16 and bf16 autocast,
               ours (sdpa; triton attention; every triton kernel) vs transformers' OPTForCausalLM + SDPA as
               TRL's SFTTrainer runs it (padded rows, full logits): tokens/s, MFU, peak memory, after a loss check.
-              MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (train.flops_per_token),
-              peak from train.PEAK_FLOPS by device name (train.peak_flops).
+              MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (slm.flops.flops_per_token),
+              peak from slm.flops.PEAK_FLOPS by device name (slm.flops.peak_flops).
   decode      bench/decode.py's pairs: greedy slm.generate vs transformers' generate() at batch 1 and 32
               (ms/token, share of equal tokens), eager and captured (slm.generate(..., compile=True)).
   memory      bench/memory.py --json's estimate next to torch.cuda.max_memory_allocated of the same step.
@@ -28,8 +28,7 @@ all within --budget seconds:
               a second run SIGKILLed once its step-30 checkpoint exists and resumed: steps 31-60 must log
               the losses of the unkilled run (steps 1-30 of the two, before the kill, show determinism).
 
-A feature that this checkout lacks (a flag, an argument, a script) is recorded as "unavailable: <reason>",
-never a crash; the exit status is 1 when a section failed or timed out. No file of ../shared is needed:
+A `gpu_tests` run that selects no test is recorded as "unavailable: <reason>", never a crash; the exit status is 1 when a section failed or timed out. No file of ../shared is needed:
 data, tokenizer and checkpoints are made on the spot.
 
 --dry-run: each section on CPU at toy size (a 2-layer OPT of opt-350m's shape, T = 32..128, a 12-step
@@ -47,7 +46,6 @@ re-run a failed section at once with `--only SECTION` (same command), or call gi
 """
 
 import argparse
-import inspect
 import json
 import os
 import signal
@@ -59,8 +57,9 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # the checkout first, before bench/ (this script's directory)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
 SECTIONS = ("gpu_tests", "attention", "train_step", "decode", "memory", "resume")
 # Seconds per section on an H100/H200 (Triton and torch.compile compile inside them); they add up to
 # the 8-minute budget, and a section never gets more than what the budget has left.
@@ -102,10 +101,6 @@ class Context:
 
 def unavailable(reason: str) -> dict:
     return {"status": f"unavailable: {reason}"}
-
-
-def accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 def import_bench(name: str):
@@ -159,7 +154,8 @@ def environment() -> dict:
     import transformers
     import triton
 
-    provenance = import_bench("provenance")
+    from slm import provenance
+
     device = provenance.device_name("cuda" if torch.cuda.is_available() else "cpu")
     return {"device": device, "commit": provenance.git_commit(), "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__}
@@ -281,7 +277,7 @@ def section_train_step(ctx: Context) -> dict:
     import torch
     import transformers
 
-    import train
+    from slm import flops
 
     train_step = import_bench("train_step")
     dry = ctx.dry
@@ -295,19 +291,16 @@ def section_train_step(ctx: Context) -> dict:
     weights = slm.load_model(checkpoint).state_dict()
     device = torch.device(ctx.device)
     device_name = environment()["device"]
-    peak = train.peak_flops(device)   # None off CUDA
+    peak = flops.peak_flops(device)   # None off CUDA
 
-    variants = {"slm sdpa": dict(attn="sdpa"), "slm triton attention": dict(attn="triton")}
-    if accepts(slm.OPT, "kernels"):
-        variants["slm all triton kernels"] = dict(kernels=ALL_TRITON)
+    variants = {"slm sdpa": dict(attn="sdpa"), "slm triton attention": dict(attn="triton"),
+                "slm all triton kernels": dict(kernels=ALL_TRITON)}
     if dry:   # interpreted Triton kernels would take minutes here; the attention section runs them
         variants = {"slm sdpa": variants["slm sdpa"]}
     result = {"status": "passed", "device": device_name, "model": "opt-350m (random)" if not dry else "tiny OPT",
               "seq_len": args.seq_len, "batch_size": args.batch_size, "examples": len(dataset),
               "packed_micro_batches": len(packed), "padded_micro_batches": len(padded), "peak_tflops":
               peak and peak / 1e12, "by_dtype": {}}
-    if not accepts(slm.OPT, "kernels"):
-        result["slm all triton kernels"] = "unavailable: slm.OPT has no kernels= argument (API.md)"
     for dtype_name in ("bf16",) if dry else ("fp16", "bf16"):   # the same loop; one pass of it on CPU
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
         peer = transformers.OPTForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa",
@@ -318,7 +311,7 @@ def section_train_step(ctx: Context) -> dict:
             model.load_state_dict(weights)
             sides.append(train_step.Side(name, model, train_step.ours_loss, packed, device, dtype))
         sides.append(train_step.Side("transformers sdpa, padded", peer, train_step.peer_loss, padded, device, dtype))
-        flop_per_token = train.flops_per_token(sides[0].model, args.seq_len)
+        flop_per_token = flops.flops_per_token(sides[0].model, args.seq_len)
 
         # Correctness first: the loss per trained token of each side over the same examples, dropout off.
         losses = {}
@@ -376,20 +369,16 @@ def section_decode(ctx: Context) -> dict:
     ours = slm.load_model(checkpoint, dtype=dtype, device=ctx.device)
     hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
     hf = hf.to(ctx.device).eval()
-    captured = accepts(slm.generate, "compile")
     result = {"status": "passed", "dtype": str(dtype).removeprefix("torch."), "prompt_len": prompt_len,
               "new_tokens": new_tokens, "rows": [], "targets": []}
-    if not captured:
-        result["captured"] = "unavailable: slm.generate has no compile= argument (API.md)"
 
     def eager():
         return slm.generate(ours, prompts, new_tokens, eos_id=None)
 
     for batch in batches:
         prompts = decode.make_prompts(batch, prompt_len, config.vocab_size, seed=batch)
-        sides = {"eager": eager, "hf": lambda: decode.hf_generate(hf, prompts, new_tokens, ctx.device)}
-        if captured:
-            sides["captured"] = lambda: slm.generate(ours, prompts, new_tokens, eos_id=None, compile=True)
+        sides = {"eager": eager, "hf": lambda: decode.hf_generate(hf, prompts, new_tokens, ctx.device),
+                 "captured": lambda: slm.generate(ours, prompts, new_tokens, eos_id=None, compile=True)}
         times, tokens_of, _ = decode.timed(sides, ctx.device, repeats)   # interleaved, after one warm-up each
         ours_s, hf_s, ours_tokens, hf_tokens = times["eager"], times["hf"], tokens_of["eager"], tokens_of["hf"]
         tokens = batch * new_tokens
@@ -397,13 +386,12 @@ def section_decode(ctx: Context) -> dict:
         row = {"batch": batch, "hf_ms_per_token": 1e3 * statistics.median(hf_s) / new_tokens,
                "eager_ms_per_token": 1e3 * statistics.median(ours_s) / new_tokens,
                "eager_equal_to_hf": equal}
-        if captured:
-            row["captured_ms_per_token"] = 1e3 * statistics.median(times["captured"]) / new_tokens
-            row["captured_equal_to_eager"] = tokens_of["captured"] == ours_tokens
-            if not row["captured_equal_to_eager"]:
-                result["status"] = "failed"
-                result["error"] = f"batch {batch}: captured decoding's tokens differ from eager decoding's"
-        row["best_ms_per_token"] = min(row["eager_ms_per_token"], row.get("captured_ms_per_token", float("inf")))
+        row["captured_ms_per_token"] = 1e3 * statistics.median(times["captured"]) / new_tokens
+        row["captured_equal_to_eager"] = tokens_of["captured"] == ours_tokens
+        if not row["captured_equal_to_eager"]:
+            result["status"] = "failed"
+            result["error"] = f"batch {batch}: captured decoding's tokens differ from eager decoding's"
+        row["best_ms_per_token"] = min(row["eager_ms_per_token"], row["captured_ms_per_token"])
         row["speedup_vs_hf"] = row["hf_ms_per_token"] / row["best_ms_per_token"]
         if dtype == torch.float32 and equal < 1:
             result["status"] = "failed"
@@ -446,8 +434,6 @@ def section_memory(ctx: Context) -> dict:
         result["measured"] = "not measured: no CUDA device (torch.cuda.max_memory_allocated)"
 
     script = REPO / "bench" / "memory.py"
-    if not script.is_file():
-        return {**result, **unavailable("bench/memory.py does not exist in this checkout")}
     out = ctx.workdir / "memory.json"
     proc = subprocess.run([sys.executable, str(script), "--json", str(out)], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:

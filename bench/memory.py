@@ -44,12 +44,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
 
-# Without CUDA the Triton kernels run in Triton's interpreter, chosen before triton is first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+harness.interpret_without_gpu()
 
 import slm  # noqa: E402
 from slm.kernels import interpreter_fix  # noqa: E402

@@ -34,15 +34,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
 
-# Without CUDA the Triton kernels run in Triton's interpreter, chosen before triton is first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+harness.interpret_without_gpu()
 
 from slm import kernels  # noqa: E402
-from bench import provenance  # noqa: E402
+from slm import provenance  # noqa: E402
 from slm.kernels import interpreter_fix  # noqa: E402
 from tests.test_kernel_conformance import (  # noqa: E402
     PEERS, attention_case, conformance_failures, layer_norm_case, linear_cross_entropy_case)

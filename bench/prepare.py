@@ -19,7 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench.harness import REPO  # noqa: E402
+from slm import provenance  # noqa: E402
+
 SHARED = REPO.parent / "shared"
 SFT = SHARED / "toolbench" / "sft" / "toolllama_dfs_data_example.json"
 FULL_ROWS = 187_542  # rows in ToolBench's toolllama_G123_dfs_train.json
@@ -82,8 +85,7 @@ def main() -> None:
     array = tmp / "toolllama_bench.json"
     rows = build_array(array, args.mb)
     size_mb = array.stat().st_size / 1e6
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "uncommitted"
+    commit = provenance.git_commit()
     print(f"input: {array} ({size_mb:,.0f} MB, {rows:,} rows) | cpu: {platform.processor() or platform.machine()}, "
           f"{args.cores} cores | commit {commit}")
     modes = [True, False] if args.no_collapse_too else [True]

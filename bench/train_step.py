@@ -20,8 +20,8 @@ agree. Then each side runs --warmup untimed steps and --passes timed passes over
 GPU one side after the other (one model on the GPU at a time, so peak memory is each side's own), on
 a CPU alternating pass by pass (a shared CPU's load drifts; both sides then see the same).
 Throughput counts real (non-padding) tokens; MFU = FLOP/token x tokens/s / peak, with FLOP/token =
-6*N_mm + 12*L*d*T (PERF.md, train.flops_per_token) and the device's dense bf16/fp16 datasheet peak
-(train.PEAK_FLOPS: 989 TFLOP/s on an H100 SXM), also shown against the ~790 an 8192^3 bf16 matmul
+6*N_mm + 12*L*d*T (flops.flops_per_token) and the device's dense bf16/fp16 datasheet peak
+(flops.PEAK_FLOPS: 989 TFLOP/s on an H100 SXM), also shown against the ~790 an 8192^3 bf16 matmul
 reaches on an H100 in practice. A table is printed
 last, with the JSON beside it.
 """
@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+from bench import harness  # noqa: E402
+from bench.harness import REPO  # noqa: E402
 
 from slm import kernels  # noqa: E402
 import slm  # noqa: E402
 import train  # noqa: E402
-from bench import provenance  # noqa: E402
+from slm import flops, provenance  # noqa: E402
 from slm.data import IGNORE_INDEX, PackedLoader, ShardDataset  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "toolbench" / "sft" / "toolllama_dfs_data_example.json"
@@ -112,11 +113,11 @@ class Side:
 
     def timed_pass(self):
         """One optimizer step per micro-batch over all of them (both sides hold the same real tokens)."""
-        sync(self.device)
+        harness.sync(self.device)
         start = time.perf_counter()
         for b in self.data:
             self.step(b)
-        sync(self.device)
+        harness.sync(self.device)
         self.seconds += time.perf_counter() - start
         self.passes += 1
 
@@ -129,13 +130,8 @@ class Side:
              "ms_per_step": 1e3 * self.seconds / steps, "peak_mem_gib": peak_mem}
         if peak:
             r["mfu"] = flop_per_token * r["tok_s"] / peak
-            r["mfu_vs_790"] = flop_per_token * r["tok_s"] / train.PRACTICAL_H100_FLOPS
+            r["mfu_vs_790"] = flop_per_token * r["tok_s"] / flops.PRACTICAL_H100_FLOPS
         return r
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free(device):
@@ -172,7 +168,7 @@ def main(argv=None):
     packed, padded, n_examples = batches(shards(args, tok), args)
     config = slm.OPTConfig(**SMALL) if args.small else slm.OPTConfig.preset("opt-350m")
     device_name = provenance.device_name(device)
-    peak = train.peak_flops(device)
+    peak = flops.peak_flops(device)
 
     # One set of random weights for both sides, through a Hugging Face checkpoint on disk.
     torch.manual_seed(0)
@@ -181,7 +177,7 @@ def main(argv=None):
     checkpoint = Path(tempfile.mkdtemp(prefix="bench_train_step_model_"))
     slm.save_model(ours, checkpoint)
     ours.to(device)
-    flop_per_token = train.flops_per_token(ours, args.seq_len)
+    flop_per_token = flops.flops_per_token(ours, args.seq_len)
     peer = transformers.OPTForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa",
                                                        torch_dtype=torch.float32).to(device)
 

@@ -11,7 +11,7 @@ Input kinds are detected per file (a ToolLLaMA JSON array, streamed; a DFS answe
 converted answers) or forced with --format. Bad rows are counted by reason in stats.json and skipped;
 the run never stops mid-file. The same inputs and settings give byte-identical shards. The prompt
 format, loss mask, collapsing and fitting rules are documented in slm/toolbench/ (encode.py, collapse.py,
-fitting.py); the shard layout in slm/data.py.
+levels.py); the shard layout in slm/data.py.
 """
 
 import argparse

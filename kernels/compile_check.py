@@ -60,7 +60,7 @@ flash_attention = importlib.import_module("slm.kernels.flash_attention")
 layer_norm = importlib.import_module("slm.kernels.layer_norm")
 linear_cross_entropy = importlib.import_module("slm.kernels.linear_cross_entropy")
 
-SHARED_MEMORY = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # bytes per block, opt-in maximum
+SHARED_MEMORY = runtime.SHARED_MEMORY  # bytes per block by architecture: the one table, in runtime.py
 _calls = itertools.count()
 
 

@@ -61,6 +61,15 @@ from slm.kernels import runtime
 
 
 @triton.jit
+def _seq_bounds(CU_SEQLENS, BLOCK: tl.constexpr):
+    """Every kernel's grid is (blocks of max_seqlen, heads, sequences): this program's first row within its
+    sequence, its head, its sequence, that sequence's first packed row and its length."""
+    seq = tl.program_id(2)
+    seq_start = tl.load(CU_SEQLENS + seq)
+    return tl.program_id(0) * BLOCK, tl.program_id(1), seq, seq_start, tl.load(CU_SEQLENS + seq + 1) - seq_start
+
+
+@triton.jit
 def _row0(seq, seq_start, head, stride_b, stride_t, stride_h):
     """Offset of row 0 of one (sequence, head), addressed as in `_row_strides`. 64-bit, because
     total_tokens times the token stride of a large packed batch can pass 2**31."""
@@ -142,11 +151,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     DOT_DTYPE: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    start_m, head, seq, seq_start, seqlen = _seq_bounds(CU_SEQLENS, BLOCK_M)
     if start_m >= seqlen:  # grid is sized for max_seqlen; shorter sequences end early
         return
 
@@ -200,11 +205,7 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    start_m, head, seq, seq_start, seqlen = _seq_bounds(CU_SEQLENS, BLOCK_M)
     if start_m >= seqlen:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -257,11 +258,7 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    start_n, head, seq, seq_start, seqlen = _seq_bounds(CU_SEQLENS, BLOCK_N)
     if start_n >= seqlen:
         return
 
@@ -344,11 +341,7 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + seq)
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - seq_start
+    start_m, head, seq, seq_start, seqlen = _seq_bounds(CU_SEQLENS, BLOCK_M)
     if start_m >= seqlen:
         return
 
@@ -392,6 +385,7 @@ def _bwd_dq_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------
 
+LOG2_E = math.log2(math.e)   # scores are kept in base 2: the kernels take sm_scale * LOG2_E as qk_scale
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -507,7 +501,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, dense):
         q, k, v, o, lse, cu_seqlens,
         *_row_strides(q, dense), *_row_strides(k, dense), *_row_strides(v, dense), *_row_strides(o, dense),
         lse.stride(0),
-        sm_scale * math.log2(math.e),
+        sm_scale * LOG2_E,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=_dot_dtype(q.dtype), **cfg["fwd"],
     )
     return o, lse
@@ -524,6 +518,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
     q_s, k_s, v_s, o_s, do_s = (_row_strides(x, dense) for x in (q, k, v, o, do))
     dot_dtype = _dot_dtype(q.dtype)
     common = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], DOT_DTYPE=dot_dtype)
+    qk_scale = sm_scale * LOG2_E
 
     _bwd_preprocess_kernel[(triton.cdiv(max_seqlen, cfg["fwd"]["BLOCK_M"]), heads, num_seqs)](
         o, do, delta, cu_seqlens, *o_s, *do_s, delta.stride(0),
@@ -532,12 +527,12 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, sm_scale, den
     _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["dkdv"]["BLOCK_N"]), heads, num_seqs)](
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, *q_s, *k_s, *v_s, *do_s,
         *_row_strides(dk, dense), *_row_strides(dv, dense), lse.stride(0),
-        sm_scale, sm_scale * math.log2(math.e),
+        sm_scale, qk_scale,
         **common, **cfg["dkdv"],
     )
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["dq"]["BLOCK_M"]), heads, num_seqs)](
         q, k, v, do, dq, lse, delta, cu_seqlens, *q_s, *k_s, *v_s, *do_s, *_row_strides(dq, dense), lse.stride(0),
-        sm_scale, sm_scale * math.log2(math.e),
+        sm_scale, qk_scale,
         **common, **cfg["dq"],
     )
     return dq, dk, dv

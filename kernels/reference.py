@@ -36,19 +36,6 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, causal: boo
     return out.to(q.dtype)
 
 
-def outputs_and_gradients(kernel_fn, reference_fn, inputs) -> dict:
-    """{"out"|"dq"|"dk"|"dv": (kernel's, fp32 reference's)} for q, k, v = `inputs`, both backpropagating
-    the same random upstream gradient. Shared by the tests and the benchmark's correctness check."""
-    q, k, v = (x.clone().requires_grad_() for x in inputs)
-    out = kernel_fn(q, k, v)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    q32, k32, v32 = (x.detach().float().requires_grad_() for x in inputs)
-    ref = reference_fn(q32, k32, v32)
-    ref.backward(grad_out.float())
-    return {"out": (out, ref), "dq": (q.grad, q32.grad), "dk": (k.grad, k32.grad), "dv": (v.grad, v32.grad)}
-
-
 def layer_norm_reference(x, weight, bias, eps: float, residual=None) -> torch.Tensor:
     """LayerNorm(x + residual) over the last dim: x, residual (..., N); weight, bias (N,) or None.
 

@@ -19,6 +19,11 @@ from triton.runtime import driver
 
 from slm.kernels import interpreter_fix
 
+# Shared memory per block (bytes, opt-in maximum) of each architecture the kernels target: sm_80 A100,
+# sm_86 A10G, sm_89 L4, sm_90 H100. kernels/compile_check.py compiles against these.
+SHARED_MEMORY = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+SMALLEST_TARGET = 86
+
 
 @triton.jit
 def _probe():
@@ -52,14 +57,15 @@ def on_device(x: torch.Tensor):
 def shared_memory() -> int:
     """Shared memory per block of the current device, as Triton checks it when loading a kernel
     (kernels/compile_check.py's stand-in GPU reports its target's)."""
-    if interpreted():  # no GPU limit applies; use an A10G's (sm_86), the smallest of our targets
-        return 101_376
+    if interpreted():  # no GPU limit applies; use the smallest target's, so the CPU tests pick its settings
+        return SHARED_MEMORY[SMALLEST_TARGET]
     return driver.active.utils.get_device_properties(driver.active.get_current_device())["max_shared_mem"]
 
 
 def multiprocessor_count() -> int:
-    """SMs of the current device (kernels that give each SM one program); 4 under the interpreter, which
-    runs programs one after another."""
+    """SMs of the current device (kernels that give each SM one program). Under the interpreter, which
+    runs programs one after another, 4: more than one, so the CPU tests exercise the cross-program
+    reduction, and few, so they stay fast."""
     if interpreted():
         return 4
     return driver.active.utils.get_device_properties(driver.active.get_current_device())["multiprocessor_count"]

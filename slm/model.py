@@ -35,7 +35,6 @@ from .config import OPTConfig
 
 # Each op's implementation unless `kernels=` names another ("attention" defaults to `attn`).
 DEFAULT_KERNELS = {"attention": "sdpa", "layer_norm": "torch", "linear_cross_entropy": "torch"}
-ATTENTION_IMPLEMENTATIONS = tuple(registry.available()["attention"])   # the shipped ones: flags' choices
 POSITION_OFFSET = 2  # OPT's learned position table starts its real positions at row 2 (pads use row 1)
 
 
@@ -226,7 +225,7 @@ class OPT(nn.Module):
     def init_weights(self, seed: int | None = None, *, generator: torch.Generator | None = None) -> None:
         """Random initialisation as OPT's: N(0, init_std) weights, zero biases, zero pad embedding.
 
-        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke_init.py keeps
+        Drawn from a generator seeded with `seed`, or from `generator` (which slm/smoke.py keeps
         drawing from after this); neither: torch's global one.
         """
         if generator is None and seed is not None:

@@ -1,9 +1,10 @@
-"""Shared test setup: the device tests run on, the `gpu` marker, and where ../shared lives.
+"""Shared test setup: the device tests run on, the `gpu` and `slow` markers, and where ../shared lives.
 
 On a machine with CUDA, tests that take the `device` fixture (or use DEVICE) put their tensors on the GPU
 and the Triton kernels are compiled for it; without one they run on CPU through Triton's interpreter.
 
-    pytest -m gpu     # the subset worth running on a GPU: kernels and the model through them
+    pytest -m gpu         # the subset worth running on a GPU: kernels and the model through them
+    pytest -m "not slow"  # the quick loop: all but the smoke training and gpu_check's dry run
 """
 
 import os
@@ -25,6 +26,20 @@ SHARED = REPO.parent / "shared"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: worth running on a CUDA device (Triton kernels, the model through "
                                        "them); select with `pytest -m gpu`")
+    config.addinivalue_line("markers", "slow: minutes of CPU (the smoke training, gpu_check's dry run); CI runs "
+                                       "them, `pytest -m \"not slow\"` is the quick loop")
+
+
+@pytest.fixture
+def kernel_registry():
+    """slm.kernels.register for one test: the registry's table is put back afterwards, so later tests in
+    the same process see the shipped implementations only."""
+    from slm.kernels import registry
+
+    saved = {op: dict(names) for op, names in registry._TABLE.items()}
+    yield registry.register
+    registry._TABLE.clear()
+    registry._TABLE.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,9 @@ def run_script(script: str) -> str:
 
 def test_compiles_with_the_runtime_specialisation():
     """compile_launch on the model's shape (bf16, D=64) for sm_90: the runtime's 16-byte alignment hints
-    turn on async copies, whose pipeline buffers take the forward to 65,536 B; the old hand-built
-    signature without them reported 24,576 B, a kernel that never runs. Each launched kernel comes back
-    once, with its registers from ptxas."""
+    turn on async copies, whose pipeline buffers take the forward to 65,536 B (a signature without them
+    would report 24,576 B, a kernel that never runs). Each launched kernel comes back once, with its
+    registers from ptxas."""
     out = run_script("""
 import torch
 from slm.kernels.compile_check import compile_launch, launch_attention
@@ -70,8 +70,7 @@ def test_compile_only_fits(arch, dtypes, head_dim, count, tmp_path):
 
 
 def test_compile_only_fails_over_the_limit(tmp_path):
-    """The fp32 backward blocks of 64 rows at D=128 (the settings before the per-GPU choice, still what
-    an H100 gets) need 114,944 B: over sm_86's 101,376. The script reports it and exits non-zero; the
+    """The fp32 backward blocks of 64 rows at D=128 (what an H100 gets) need 114,944 B: over sm_86's 101,376. The script reports it and exits non-zero; the
     launch stops at that kernel, as on a GPU, so dQ is not compiled."""
     script = ("import importlib, runpy, sys\n"
               "fa = importlib.import_module('slm.kernels.flash_attention')\n"
@@ -89,7 +88,7 @@ def test_compile_only_fails_over_the_limit(tmp_path):
 
 
 def test_layer_norm_and_linear_cross_entropy_fit_an_a10g_and_an_h100():
-    """The new kernels at their widest: layer_norm at 8192 columns (16 warps, the backward's partial-sum
+    """layer_norm and linear_cross_entropy at their widest: layer_norm at 8192 columns (16 warps, the backward's partial-sum
     rows through shared memory) and OPT-350M's 1024, linear_cross_entropy at OPT's 50,272-word vocabulary
     with its gradient written; each within sm_86's and sm_90's shared memory, without register spills."""
     out = run_script("""

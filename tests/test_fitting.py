@@ -1,4 +1,4 @@
-"""What each fitting level (slm/toolbench/fitting.py) cuts, pinned on a real ToolBench row.
+"""What each fitting level (slm/toolbench/levels.py) cuts, pinned on a real ToolBench row.
 
     python -m pytest -q tests/test_fitting.py
 

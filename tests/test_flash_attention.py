@@ -19,21 +19,19 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE, REPO
-from tolerances import assert_close
 
 from slm.kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
 from slm.kernels.compile_check import SHARED_MEMORY
 from slm.kernels.flash_attention import launch_config
-from slm.kernels.reference import outputs_and_gradients
+from slm.kernels.testing import GPU_TOLERANCES, assert_close, outputs_and_gradients
 
 # (dtype, atol, rtol) against the fp32 reference, for the output and every gradient:
 # |actual - expected| <= atol + rtol * |expected|. In the interpreter fp32 is exact up to summation
 # order and bf16 dots run in fp32, so the error is mostly the final rounding. A GPU runs fp32 dots as
-# tf32 (10 mantissa bits) and rounds P and dS to 16 bits before the half-precision dots, so its
-# tolerances are those of the GPU check in bench/attention.py.
+# tf32 and rounds P and dS to 16 bits before the half-precision dots: the kernels' GPU tolerances.
 TOLERANCES = {
     "cpu": [(torch.float32, 2e-5, 1e-5), (torch.float16, 3e-3, 3e-3), (torch.bfloat16, 2e-2, 2e-2)],
-    "cuda": [(torch.float32, 2e-2, 2e-2), (torch.float16, 1e-2, 1e-2), (torch.bfloat16, 5e-2, 5e-2)],
+    "cuda": [(dtype, *tolerance) for dtype, tolerance in GPU_TOLERANCES.items()],
 }[DEVICE]
 
 

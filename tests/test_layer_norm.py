@@ -12,10 +12,10 @@ non-contiguous x. Also the input errors.
 
 import pytest
 import torch
-from tolerances import assert_close
 
 from slm.kernels.layer_norm import MAX_WIDTH, layer_norm
 from slm.kernels.reference import layer_norm_reference
+from slm.kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,10 +12,10 @@ input errors. A 50,272-entry row costs ~0.1 s in the interpreter, so those cases
 
 import pytest
 import torch
-from tolerances import assert_close
 
 from slm.kernels.linear_cross_entropy import chunk_size, linear_cross_entropy
 from slm.kernels.reference import linear_cross_entropy_reference
+from slm.kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPT_VOCAB = 50272

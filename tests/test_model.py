@@ -216,7 +216,7 @@ def test_kernels_resolve_defaults_attn_and_overrides():
 
 
 @pytest.fixture
-def counting_kernels():
+def counting_kernels(kernel_registry):
     """A user's attention and layer_norm, registered as "counted": the references, counting their calls."""
     calls = {"attention": [], "layer_norm": 0}
 
@@ -229,12 +229,9 @@ def counting_kernels():
         calls["layer_norm"] += 1
         return kernels.get("layer_norm", "torch")(x, weight, bias, eps, residual)
 
-    saved = kernels.available()
-    kernels.register("attention", "counted", attention)
-    kernels.register("layer_norm", "counted", layer_norm)
+    kernel_registry("attention", "counted", attention)
+    kernel_registry("layer_norm", "counted", layer_norm)
     yield calls
-    for op in ("attention", "layer_norm"):                  # leave the shipped table as it was
-        kernels.registry._TABLE[op] = {n: f for n, f in kernels.registry._TABLE[op].items() if n in saved[op]}
 
 
 @pytest.mark.parametrize("config_name", ["pre_ln", "post_ln_proj"])

@@ -11,16 +11,6 @@ import pytest
 import torch
 
 from slm import kernels
-from slm.kernels import registry
-
-
-@pytest.fixture
-def restore_table():
-    """Undo what a test registers, so other tests see the shipped table."""
-    saved = {op: dict(names) for op, names in registry._TABLE.items()}
-    yield
-    registry._TABLE.clear()
-    registry._TABLE.update(saved)
 
 
 def test_shipped_implementations_are_listed_and_the_references_among_them():
@@ -32,7 +22,7 @@ def test_shipped_implementations_are_listed_and_the_references_among_them():
     assert kernels.get("layer_norm", "torch") is kernels.layer_norm_reference
 
 
-def test_register_adds_a_name_and_get_returns_it(restore_table):
+def test_register_adds_a_name_and_get_returns_it(kernel_registry):
     def mine(*args, **kwargs):
         return kernels.get("attention", "eager")(*args, **kwargs)
 

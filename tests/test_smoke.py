@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import slm
 from conftest import REPO
 
@@ -21,6 +23,7 @@ def run(*args, cwd):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_smoke_training_learns_the_tool_call_format(tmp_path):
     run("train.py", "--preset", "smoke", "--out", str(tmp_path / "run"), "--smoke-tasks", "6000",
         "--eval-every", "200", cwd=REPO)

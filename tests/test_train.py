@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import slm
-from slm import kernels
+from slm import flops, kernels
+from slm.checkpoint import checkpoint_dirs
+from slm.optimizers import make_optimizers
 from conftest import REPO, shared_path
 
 sys.path.insert(0, str(REPO))
@@ -89,7 +91,7 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
     names = {id(p): name for name, p in model.named_parameters()}
     for choice, expected in (("adamw", [28]), ("muon", [20, 8])):   # 8 = 2 layers x (qkv, o, fc1, fc2)
         cfg = train.TrainConfig(optimizer=choice, lr=1e-3, muon_lr=0.02)
-        optimizers = train.make_optimizers(model, cfg)
+        optimizers = make_optimizers(model, cfg)
         held = [[names[id(p)] for group in o.param_groups for p in group["params"]] for o in optimizers]
         assert [len(h) for h in held] == expected and sorted(sum(held, [])) == sorted(names.values())
         if choice == "muon":
@@ -132,8 +134,8 @@ def test_untrained_targets_change_neither_loss_nor_gradients(implementation):
                                         ("NVIDIA A10G", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)])
 def test_peak_flops_by_device_name_most_specific_first(name, peak, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert train.peak_flops(torch.device("cuda")) == peak
-    assert train.peak_flops(torch.device("cpu")) is None
+    assert flops.peak_flops(torch.device("cuda")) == peak
+    assert flops.peak_flops(torch.device("cpu")) is None
 
 
 def test_steps_stop_at_epoch_ends_and_positions_resume_the_stream(sft_data):
@@ -167,9 +169,9 @@ def test_step_gradient_is_that_of_the_mean_loss_per_trained_token(lm, sft_data, 
     grads = torch.autograd.grad(total / n, list(model.parameters()))
     expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
-    result = train.train_step(micro, lm, 0.0, model, model, train.make_optimizers(model, cfg),
+    result = train.train_step(micro, lm, 0.0, model, model, make_optimizers(model, cfg),
                               torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", enabled=False),
-                              cfg, train.Processes(1, 0, 0, cpu, torch.float32))
+                              cfg, train.Process(1, 0, 0, cpu, torch.float32))
     assert result["loss"] == pytest.approx(total.item() / n, rel=1e-6)
     assert result["gnorm"] == pytest.approx(expected_norm.item(), rel=1e-5)
     assert (result["trained"], result["tokens"]) == (n, sum(b.n_tokens for b in micro)) and result["finite"]
@@ -275,7 +277,7 @@ def test_sigkill_then_resume_reproduces_every_loss(sft_data, models, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before the kill: nothing was tested"
-    assert [p.name for p in train.checkpoint_dirs(killed)][-1] == "step_00000002"
+    assert [p.name for p in checkpoint_dirs(killed)][-1] == "step_00000002"
     assert reference_run.wait(timeout=120) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     log.close()
     reference = losses(whole)
@@ -299,14 +301,14 @@ def run_3(tmp_path_factory, sft_data, models):
     return out
 
 
-def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, capsys):
+def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, capsys, kernel_registry):
     reference, calls = kernels.get("linear_cross_entropy", "torch"), []
 
     def counted(*args, **kwargs):
         calls.append(1)
         return reference(*args, **kwargs)
 
-    kernels.register("linear_cross_entropy", "test_counted", counted)
+    kernel_registry("linear_cross_entropy", "test_counted", counted)
     run_train(["--model", str(models["plain"]), "--data", str(sft_data), "--out", str(tmp_path),
                "--batch-size", "1", "--grad-accum", "1", "--max-steps", "1",
                "--kernels", "attention=sdpa,linear_cross_entropy=test_counted", "--attn", "eager"])  # later wins
@@ -314,7 +316,7 @@ def test_kernels_are_resolved_printed_saved_and_run(sft_data, models, tmp_path, 
     assert "kernels attention=eager,layer_norm=torch,linear_cross_entropy=test_counted" in capsys.readouterr().out
     assert calls == [1]     # the step's loss went through the chosen implementation
     assert json.loads((tmp_path / "train_config.json").read_text())["kernels"] == resolved
-    ckpt = train.checkpoint_dirs(tmp_path)[-1]
+    ckpt = checkpoint_dirs(tmp_path)[-1]
     assert json.loads((ckpt / "config.json").read_text())["kernels"] == resolved
 
 
@@ -344,7 +346,7 @@ def test_activation_checkpointing_gives_the_same_losses(run_3, sft_data, models,
         assert losses(tmp_path, key) == losses(run_3, key)   # fp32 on CPU: bit for bit
 
 
-def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, models, tmp_path):
+def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, models, tmp_path, kernel_registry):
     sdpa, calls = kernels.get("attention", "sdpa"), []
 
     def runs_out_at_step_3(q, k, v, **kwargs):   # one layer, one micro-batch: one call per step
@@ -354,7 +356,7 @@ def test_out_of_memory_names_the_fix_and_resume_continues(run_3, sft_data, model
                                          "capacity of 23.68 GiB of which 1.02 GiB is free. (...)")
         return sdpa(q, k, v, **kwargs)
 
-    kernels.register("attention", "test_out_of_memory", runs_out_at_step_3)
+    kernel_registry("attention", "test_out_of_memory", runs_out_at_step_3)
     args = ["--model", str(models["dropout"]), "--data", str(sft_data), "--out", str(tmp_path), *RUN_3_STEPS]
     with pytest.raises(SystemExit) as stop:
         run_train([*args, "--kernels", "attention=test_out_of_memory"])

@@ -18,14 +18,16 @@ system, user, assistant, function. One concept per file, in the order a row trav
     json_array.py  the streaming reader of a JSON array file too big to load
     readers.py     row validation (`check_row`) and the readers of each file kind
     collapse.py    step-exploded rows merged into trajectories (`chains`)
-    fitting.py     the levels that cut a prompt until it fits max_len (`LEVELS`, `fit_prompt`)
-    encode.py      ids and loss mask built segment by segment (`tokenize`, `tokenize_chain`, `prompt_ids`)
+    levels.py      the levels that cut a prompt's text until it fits max_len (`LEVELS`, `message_text`)
+    encode.py      ids and loss mask built segment by segment (`tokenize`, `tokenize_chain`, `prompt_ids`),
+                   and the first level at which a prompt fits (`fit_prompt`)
     show.py        the mask visualiser: python -m slm.toolbench show FILE --tokenizer DIR
 """
 
 from .collapse import Chain, chains
-from .encode import Example, SegmentEncoder, encoder_for, prompt_ids, render_ids, tokenize, tokenize_chain
-from .fitting import LEVELS, Level, compact_system, fit_prompt, message_text
+from .encode import (Example, SegmentEncoder, encoder_for, fit_prompt, prompt_ids, render_ids, tokenize,
+                     tokenize_chain)
+from .levels import LEVELS, Level, compact_system, message_text
 from .json_array import JsonArrayReader, Malformed
 from .parse import ParseError, Step, assistant_value, parse_step
 from .readers import (BadRow, check_row, detect_format, dfs_rows, query_of, read_queries, read_rows,

@@ -20,7 +20,7 @@ written as the segment is appended (`render_ids`), never recovered afterwards.
 
 Examples of a trajectory
 ------------------------
-Levels (fitting.py) never decrease along a trajectory, so a collapsed trajectory is cut into runs of
+Levels (levels.py) never decrease along a trajectory, so a collapsed trajectory is cut into runs of
 turns that need the same level (0-5); each run is one example, earlier turns being untrained history.
 A level-6 turn is an example of its own. Hence every trained turn's prompt is exactly
 `prompt_ids(history, tok, max_len, reserve=len(target) + 1)`; the evaluator calls it with `reserve`
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .collapse import Chain
-from .fitting import LEVELS, Level, fit_prompt, message_text
+from .levels import LEVELS, Level, message_text
 from .readers import BadRow, check_row, query_of
 from .template import ROLES
 
@@ -81,6 +81,49 @@ class SegmentEncoder:
 @lru_cache(maxsize=8)
 def encoder_for(tok) -> SegmentEncoder:
     return SegmentEncoder(tok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting one prompt
+
+
+def _steps(history: list[dict]) -> list[list[int]]:
+    """History message indices grouped into droppable steps: an assistant turn and what follows it.
+
+    The messages before the first assistant turn (system, the query) are never dropped.
+    """
+    steps: list[list[int]] = []
+    for i, message in enumerate(history):
+        if message["from"] == "assistant":
+            steps.append([i])
+        elif steps:
+            steps[-1].append(i)
+    return steps
+
+
+def fit_prompt(history: list[dict], enc: SegmentEncoder, budget: int):
+    """(level index, kept message indices) for the first level where BOS + history + "Assistant: " <= budget.
+
+    None when even the last level, with every droppable step gone, does not fit.
+    """
+    kept = list(range(len(history)))
+    prefix = 1 + len(enc.prefix["assistant"])
+    for index, level in enumerate(LEVELS):
+        enc.prefetch([message_text(m, level) for m in history])
+        lengths = [enc.message_len(m, level) for m in history]
+        total = prefix + sum(lengths)
+        if not level.drop_turns:
+            if total <= budget:
+                return index, kept
+            continue
+        for step in _steps(history):
+            if total <= budget:
+                break
+            total -= sum(lengths[i] for i in step)
+            kept = [i for i in kept if i not in step]
+        if total <= budget:
+            return index, kept
+    return None
 
 
 def render_ids(conversations: list[dict], level: Level, enc: SegmentEncoder, trained=()) -> tuple[list[int], list[int]]:

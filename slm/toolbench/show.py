@@ -9,7 +9,7 @@ from slm.tokenizer import load_tokenizer
 
 from .collapse import chains
 from .encode import encoder_for, tokenize_chain
-from .fitting import LEVELS
+from .levels import LEVELS
 from .json_array import Malformed
 from .readers import read_rows
 

@@ -1,6 +1,6 @@
-"""Where a benchmark's figures came from, for its report: the device's name and the commit.
+"""Where a benchmark's or an evaluation's figures came from, for its report: the device's name and the commit.
 
-    from bench import provenance      # with the repository root on sys.path, as the bench scripts put it
+    from slm import provenance
     provenance.device_name("cuda")    # "NVIDIA H100 80GB HBM3"; off CUDA the CPU's model name
     provenance.git_commit()           # "c9c551f", "c9c551f-dirty" with uncommitted changes, or "unknown"
 """

@@ -1,8 +1,10 @@
-"""The smoke preset's head starts: how train.py initialises a tiny OPT trained from scratch on a CPU.
+"""train.py's smoke preset: its synthetic data and tokenizer, and the tiny OPT it trains from scratch on a
+CPU with two head starts.
 
-    from slm import smoke_init
-    model = slm.OPT(config)
-    smoke_init.init_weights(model, seed=0, position_rms=0.05, offset_heads=(1, 2, 3))
+    from slm import smoke
+    smoke.smoke_data(cfg, run_dir / "smoke", master=True, world=1)   # sets cfg.tokenizer, cfg.data
+    model = smoke.model(vocab_size, seed=0)                          # the smoke model, head starts made
+    smoke.init_weights(model, seed=0, position_rms=0.05, offset_heads=(1, 2, 3))   # the starts alone
 
 opt-350m arrives pretrained, with the heads that copy a name from earlier in the context (induction
 heads). A randomly initialised model has none, and on a CPU budget it barely finds them. Two starts
@@ -12,12 +14,59 @@ back" is one linear map at every position, and layer-0 heads fitted to attend a 
 preset uses this; `OPT.init_weights` alone is OPT's own initialisation.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import OPTConfig
 from .model import OPT, POSITION_OFFSET
+from .tokenizer import load_tokenizer, names_pattern, train_tokenizer
+
+MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0)
+POSITION_RMS = 0.05        # sinusoidal start for the position table; best of 0.02/0.05/0.1
+OFFSET_HEADS = (1, 2, 3)   # layer 0 heads that start attending 1, 2 and 3 tokens back
+VOCAB = 4096
+
+
+def model(vocab_size: int, seed: int, **kwargs) -> OPT:
+    """The smoke model (MODEL) over `vocab_size` tokens, initialised from `seed` with both head starts;
+    kwargs go to slm.OPT (kernels, activation_checkpointing)."""
+    smoke_model = OPT(OPTConfig(vocab_size=vocab_size, **MODEL), **kwargs)
+    init_weights(smoke_model, seed, position_rms=POSITION_RMS, offset_heads=OFFSET_HEADS)
+    return smoke_model
+
+
+def smoke_data(cfg, directory: Path, master: bool, world: int):
+    """Synthetic tasks -> ToolLLaMA rows -> (a BPE tokenizer trained on them) -> shards via data/prepare.py.
+
+    Built once per run directory (a resumed run reuses it, so the tokenizer fingerprint holds). The
+    tokenizer is trained only when neither --tokenizer nor --model gave one. cfg: train.py's TrainConfig
+    (tokenizer, smoke_tasks, seed, max_len); its tokenizer and data are set to what was built."""
+    from data import synthetic
+    from data.prepare import prepare
+    from slm import toolbench
+
+    tok_dir, data_dir = Path(cfg.tokenizer or directory / "tokenizer"), directory / "data"
+    if master and not (data_dir / "meta.json").is_file():
+        trajectories = [synthetic.trajectory(t) for t in synthetic.make_tasks("train", cfg.smoke_tasks, cfg.seed)]
+        rows = [row for t in trajectories for row in synthetic.explode(t)]   # ToolBench's released form
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "train.json").write_text(json.dumps(rows))
+        if cfg.tokenizer is None:
+            # Merges may span words: ToolBench's fixed instructions become a few tokens (slm/tokenizer.py).
+            texts = [toolbench.render(t) for t in trajectories]
+            tok = train_tokenizer(texts, VOCAB, tok_dir, isolate=names_pattern(texts),
+                                      max_token_chars=256)
+        else:
+            tok = load_tokenizer(tok_dir)
+        prepare([directory / "train.json"], tok, data_dir, max_len=cfg.max_len, show_progress=False)
+    if world > 1:
+        dist.barrier()
+    cfg.tokenizer, cfg.data = str(tok_dir), str(data_dir)
 
 
 def init_weights(model: OPT, seed: int, position_rms: float | None, offset_heads: tuple[int, ...] = ()) -> None:

@@ -1,4 +1,5 @@
-"""Fitting a prompt into max_len (default 2048) tokens: the levels of cutting, tried in order.
+"""The levels of cutting that fit a prompt into max_len (default 2048) tokens, tried in order, and the
+text of a message at each (encode.py's `fit_prompt` finds the first level that fits).
 
 For each trained turn, the first of these levels at which its prompt plus its target fit is used
 (later levels include the earlier ones; every function name and parameter name is always kept):
@@ -17,18 +18,14 @@ For each trained turn, the first of these levels at which its prompt plus its ta
 
 A target is never cut: a turn that does not fit even at level 6 is dropped (encode.py counts it).
 
-    level, kept = fit_prompt(history, enc, budget)   # the first level at which the history fits
+    compact_system(system, LEVELS[3]), message_text(message, LEVELS[2])   # a text at a level
 """
 
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from .template import API_LIST_HEADER, split_system
-
-if TYPE_CHECKING:  # encode.py imports this module
-    from .encode import SegmentEncoder
 
 
 @dataclass(frozen=True)
@@ -125,46 +122,3 @@ def message_text(message: dict, level: Level) -> str:
     if message["from"] == "user" and not message["value"].endswith("\nBegin!\n"):
         return _cut(message["value"], level.retry_note)  # a DFS retry note, not the query
     return message["value"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Fitting one prompt
-
-
-def _steps(history: list[dict]) -> list[list[int]]:
-    """History message indices grouped into droppable steps: an assistant turn and what follows it.
-
-    The messages before the first assistant turn (system, the query) are never dropped.
-    """
-    steps: list[list[int]] = []
-    for i, message in enumerate(history):
-        if message["from"] == "assistant":
-            steps.append([i])
-        elif steps:
-            steps[-1].append(i)
-    return steps
-
-
-def fit_prompt(history: list[dict], enc: "SegmentEncoder", budget: int):
-    """(level index, kept message indices) for the first level where BOS + history + "Assistant: " <= budget.
-
-    None when even the last level, with every droppable step gone, does not fit.
-    """
-    kept = list(range(len(history)))
-    prefix = 1 + len(enc.prefix["assistant"])
-    for index, level in enumerate(LEVELS):
-        enc.prefetch([message_text(m, level) for m in history])
-        lengths = [enc.message_len(m, level) for m in history]
-        total = prefix + sum(lengths)
-        if not level.drop_turns:
-            if total <= budget:
-                return index, kept
-            continue
-        for step in _steps(history):
-            if total <= budget:
-                break
-            total -= sum(lengths[i] for i in step)
-            kept = [i for i in kept if i not in step]
-        if total <= budget:
-            return index, kept
-    return None

@@ -1,0 +1,35 @@
+"""What every bench script shares: its start (the import path, Triton's interpreter without a GPU) and
+waiting for the device before reading a clock.
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
+    from bench import harness  # noqa: E402
+    harness.interpret_without_gpu()     # before triton is first imported
+    harness.sync(device)                # before and after a timed region
+
+Run as `python bench/NAME.py`, a script has bench/ on sys.path, where a script's name would shadow a
+package of that name (bench/op.py was once bench/kernels.py, which took `kernels` from Hugging Face's
+package that transformers imports): importing this module takes bench/ off sys.path.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != BENCH]
+
+
+def interpret_without_gpu() -> None:
+    """Without CUDA the Triton kernels run in Triton's interpreter, which is chosen when triton is first
+    imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the queued work of a CUDA device (a no-op elsewhere), so a clock read after it counts it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
