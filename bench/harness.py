@@ -6,9 +6,9 @@ waiting for the device before reading a clock.
     harness.interpret_without_gpu()     # before triton is first imported
     harness.sync(device)                # before and after a timed region
 
-Run as `python bench/NAME.py`, a script has bench/ on sys.path, where a script's name would shadow a
-package of that name (bench/op.py was once bench/kernels.py, which took `kernels` from Hugging Face's
-package that transformers imports): importing this module takes bench/ off sys.path.
+Run as `python bench/NAME.py`, a script has bench/ on sys.path, where a script's name shadows any package
+of that name (a bench/kernels.py would take `kernels` from Hugging Face's package, which transformers
+imports): importing this module takes bench/ off sys.path.
 """
 
 import os
