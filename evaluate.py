@@ -68,7 +68,7 @@ import torch
 from tqdm import tqdm
 
 import slm
-from slm import kernels, toolbench
+from slm import kernels, step_grammar, toolbench
 from slm.generate import generate
 from slm.plots import plot_pass_rate
 from slm.react import Episode, run_episodes
@@ -109,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="tokens per generated step (default 256; ToolLLaMA used 512). The prompt is "
                              "fitted to leave this many positions free")
+    parser.add_argument("--constrained", action="store_true",
+                        help="decode every step under slm.step_grammar (tool choice auto: a declared function "
+                             "or Finish, schema-valid arguments; thought and argument values bounded by --max-new-tokens); "
+                             "results.json's 'decoding' records it")
     parser.add_argument("--max-steps", type=int, default=10,
                         help="assistant steps (tool calls, Finish included) per episode (default 10, as ToolEval)")
     parser.add_argument("--max-len", type=int, default=None,
@@ -148,6 +152,14 @@ class InputError(ValueError):
 
 # ============================================================================ decoding
 
+class GrammarPrompt(list):
+    """A prompt's token ids with the functions (Finish aside) that its step grammar allows."""
+
+    def __init__(self, tokens: list[int], functions: list[dict]):
+        super().__init__(tokens)
+        self.functions = functions
+
+
 @dataclass
 class Decoder:
     """slm.generate over many prompts in length-sorted chunks, with the counters for the timings."""
@@ -157,13 +169,29 @@ class Decoder:
     max_len: int
     max_new_tokens: int
     batch_size: int
+    constrained: bool = False
     seconds: float = 0.0
     new_tokens: int = 0
     calls: int = 0
 
     def prompt(self, history: list[dict]) -> list[int]:
-        """Training's rendering and fitting of `history`, leaving room for one step (ValueError if it can't)."""
-        return toolbench.prompt_ids(history, self.tok, self.max_len, reserve=self.max_new_tokens)
+        """Training's rendering and fitting of `history`, leaving room for one step (ValueError if it can't).
+
+        Constrained, the prompt also carries the functions its system message declares (`GrammarPrompt`)."""
+        tokens = toolbench.prompt_ids(history, self.tok, self.max_len, reserve=self.max_new_tokens)
+        if not self.constrained:
+            return tokens
+        functions = toolbench.split_system(history[0]["value"])[1]
+        return GrammarPrompt(tokens, functions=[f for f in functions if f["name"] != FINISH])
+
+    def _constraints(self, prompts: list[list[int]]) -> list | None:
+        if not self.constrained:
+            return None
+        grammar = step_grammar.for_tokenizer(self.tok)
+        # Bounded by the step's token limit, so that a step always ends: the thought at max_new_tokens
+        # characters, each argument value at a quarter of that.
+        return [grammar.matcher(p.functions, thought_chars=self.max_new_tokens, value_chars=self.max_new_tokens // 4)
+                if isinstance(p, GrammarPrompt) else None for p in prompts]
 
     def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
         # Similar lengths share a chunk, so little of each batch is padding.
@@ -172,8 +200,9 @@ class Decoder:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             began = time.perf_counter()
-            for i, tokens in zip(chunk, generate(self.model, [prompts[i] for i in chunk],
-                                                 self.max_new_tokens, eos_id=EOS_ID)):
+            batch = [prompts[i] for i in chunk]
+            for i, tokens in zip(chunk, generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID,
+                                                 constraints=self._constraints(batch))):
                 outputs[i] = tokens
             self.seconds += time.perf_counter() - began
             self.new_tokens += sum(len(outputs[i]) for i in chunk)
@@ -575,7 +604,7 @@ def main(argv=None) -> dict:
     if max_len > model.config.max_position_embeddings or args.max_new_tokens >= max_len:
         raise SystemExit(f"--max-len {max_len} must be at most the model's {model.config.max_position_embeddings} "
                          f"positions and above --max-new-tokens {args.max_new_tokens}")
-    decoder = Decoder(model, tok, max_len, args.max_new_tokens, args.batch_size)
+    decoder = Decoder(model, tok, max_len, args.max_new_tokens, args.batch_size, constrained=args.constrained)
     loaded = time.perf_counter()
 
     # ------------------------------------------------------------------ the suite
@@ -590,6 +619,7 @@ def main(argv=None) -> dict:
     finished = time.perf_counter()
     results = {
         "suite": args.suite,
+        "decoding": "constrained (slm.step_grammar, tool choice auto)" if args.constrained else "unconstrained",
         "note": "offline_pass_rate is this evaluator's offline gate, not ToolBench's judged pass rate"
                 if args.suite == "stabletoolbench" else "",
         "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),

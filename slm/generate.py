@@ -23,6 +23,11 @@ Returned tokens: the new tokens of each prompt, up to and *including* the first 
 transformers' `generate()` does, so a caller can tell "stopped at </s>" from "hit the limit"), or
 `max_new_tokens` tokens when no eos came.
 
+Constrained decoding: `constraints` gives one `slm.step_grammar` matcher (or None) per prompt. Such a
+call takes its own loop: every step's logits come to the host, each row with a matcher is masked to
+what its grammar allows before the argmax, and the matcher advances with the chosen token. Calls
+without constraints (or with only None) run the loop below unchanged.
+
 Host syncs: the loop never reads a tensor value on the host except a cheap "have all sequences
 finished?" check every `check_every` steps; the tokens come back to the host once, at the end.
 Sequences that finished keep decoding until that check (their extra tokens are discarded), which
@@ -33,6 +38,7 @@ import functools
 
 import torch
 
+from . import step_grammar
 from .model import OPT, KVCache
 
 # compile=True rounds the cache length up to a multiple of this, so calls whose prompts differ a little
@@ -68,6 +74,7 @@ def generate(
     *,
     pad_id: int | None = None,
     check_every: int = 8,
+    constraints: list | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of every prompt; new tokens only, each list ending at its first eos_id.
 
@@ -79,6 +86,8 @@ def generate(
     pad_id: the id left padding uses (default: the model's pad_token_id). Padded positions are masked
         out, so the id only has to be a valid one.
     check_every: how many steps pass between checks that every sequence has finished.
+    constraints: one `slm.step_grammar` matcher or None per prompt (see the module docstring); the
+        matchers are advanced in place. With any matcher, compile is not used.
     """
     if not prompts:
         return []
@@ -111,6 +120,10 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
 
     cache = model.new_kv_cache(batch, total)
+    if constraints is not None and any(c is not None for c in constraints):
+        if len(constraints) != batch:
+            raise ValueError(f"{len(constraints)} constraints for {batch} prompts: give one matcher or None each")
+        return _generate_constrained(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints)
     step_fn = decode_step
     if compile:
         step_fn = compiled_decode_step(device.type)
@@ -143,3 +156,30 @@ def generate(
     if eos_id is not None:
         tokens = [seq[:seq.index(eos_id) + 1] if eos_id in seq else seq for seq in tokens]
     return tokens
+
+
+def _generate_constrained(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers) -> list[list[int]]:
+    """Greedy decoding of a prepared batch, each row with a matcher masked by its grammar."""
+    longest = input_ids.shape[1]
+    hidden = model(input_ids, attention_mask=mask[:, :longest], cache=cache, return_hidden=True)
+    logits = (hidden[:, -1] @ model.lm_head_weight.T).float().cpu()     # (B, vocab)
+    position = torch.full((1,), longest, dtype=torch.long, device=input_ids.device)
+    rows: list[list[int]] = [[] for _ in matchers]
+    finished = [False] * len(matchers)
+    for step in range(max_new_tokens):
+        step_grammar.mask_logits(logits, matchers)
+        next_token = logits.argmax(dim=-1)
+        for i, token in enumerate(next_token.tolist()):
+            if finished[i]:
+                continue
+            rows[i].append(token)
+            if matchers[i] is not None:
+                matchers[i].advance(token)
+            finished[i] = eos_id is not None and token == eos_id
+        if all(finished) or step + 1 == max_new_tokens:
+            break
+        out = model(next_token[:, None].to(input_ids.device), attention_mask=mask, cache=cache,
+                    cache_position=position)
+        logits = out[:, -1].float().cpu()
+        position += 1
+    return rows

@@ -405,3 +405,15 @@ def test_decoder_keeps_prompt_order(tiny_model):
     alone = [generate(model, [p], 4)[0] for p in prompts]
     assert decoder(prompts) == alone
     assert decoder.calls == 2 and decoder.new_tokens == sum(map(len, alone))
+
+
+def test_untrained_model_constrained_parses_every_step(tiny_model, tmp_path):
+    """Under --constrained even an untrained model writes steps that parse and name declared functions."""
+    results = evaluate.main(["--model", str(tiny_model), "--suite", "synthetic", "--limit", "3", "--constrained",
+                             "--max-steps", "2", "--max-new-tokens", "160", "--batch-size", "4",
+                             "--out", str(tmp_path)])
+    assert results["decoding"].startswith("constrained")
+    records = [json.loads(line) for line in (tmp_path / "records/synthetic.jsonl").read_text().splitlines()]
+    assert records and not [r["outcome"] for r in records if r["outcome"] in ("malformed_step", "runaway")]
+    assert results["overall"]["format_valid_rate"] == 1.0
+    assert results["overall"]["hallucinated_function_rate"] == 0.0

@@ -1,0 +1,182 @@
+"""The ToolBench assistant step as an llguidance grammar: decoding that can only write a valid call.
+
+    grammar = step_grammar.for_tokenizer(tok)                  # once per tokenizer (cached)
+    matcher = grammar.matcher(functions, tool_choice="auto")   # one per prompt; functions without Finish
+    matcher.mask_logits(logits_row)   # forbidden tokens -> -inf, in place (the row may be wider than the vocab)
+    matcher.advance(token_id)         # after choosing the token
+    matcher.done                      # the step is complete (or the matcher stopped)
+    step_grammar.mask_logits(logits, [matcher, None, ...])   # (B, vocab) rows at once; None rows untouched
+
+The step is what the model was trained to write after "Assistant: ": "\\nThought: " a thought of at
+most `thought_chars` characters (default `THOUGHT_CHARS`), "\\nAction: " one allowed name,
+"\\nAction Input: " a JSON object valid for that name's parameters (llguidance's `%json{schema}`), then `</s>` (the tokenizer's EOS, allowed once the
+step is complete). JSON whitespace is not free: ToolBench's own steps write OpenAI's indented JSON
+(`{\\n  "city": "Paris"\\n}`) and some compact JSON, so whitespace between tokens is at most a newline and
+`JSON_INDENT` spaces: both are accepted, and a model cannot pad forever.
+
+Allowed names by `tool_choice`: "auto" = the functions + Finish, "required" = the functions, {"name": X}
+(or OpenAI's {"type": "function", "function": {"name": X}}) = X, "none" = Finish only. Finish follows
+`slm.toolbench.FINISH_FUNCTION`'s schema.
+
+The grammar's tokenizer is the model's (`slm.Tokenizer`) with `<s>`, `<unk>` and `<mask>` marked special
+on a copy (ids unchanged): in OPT's tokenizer JSON they are ordinary tokens, which the grammar would
+otherwise let the model write as text.
+
+Not accepted, on purpose: a call to a function the prompt does not declare (one real step in ../shared
+calls `dota_2_steam_web`, a tool's name), and a thought that itself contains "\\nAction: " followed by
+something other than an allowed name (the thought ends at its first "\\nAction: ").
+"""
+
+import functools
+import json
+
+import llguidance
+import torch
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .tokenizer import EOS_ID
+from .toolbench.schemas import FINISH, FINISH_FUNCTION
+
+THOUGHT_CHARS = 3000   # ToolBench's longest thoughts in ../shared are about 1500 characters (314 OPT tokens)
+JSON_INDENT = 24       # the most spaces after a newline inside the arguments (indent 2, 12 levels deep)
+_NOT_TEXT = ("<s>", "<unk>", "<mask>")
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)   # a JSON string literal is a valid Lark string literal
+
+
+class StepMatcher:
+    """One prompt's progress through the step grammar."""
+
+    def __init__(self, ll_tokenizer: llguidance.LLTokenizer, grammar: str):
+        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise ValueError(f"step grammar does not compile: {self._matcher.get_error()}")
+        self._vocab = ll_tokenizer.vocab_size
+
+    @property
+    def done(self) -> bool:
+        """The step is complete: nothing but EOS may follow (llguidance stops a finished grammar)."""
+        return self._matcher.is_stopped() or self._matcher.is_error()
+
+    def allowed(self) -> torch.Tensor:
+        """A (vocab,) bool tensor of the tokens the grammar allows next (only EOS once the step is done)."""
+        if self.done:
+            only_eos = torch.zeros(self._vocab, dtype=torch.bool)
+            only_eos[EOS_ID] = True
+            return only_eos
+        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[:self._vocab].bool()
+
+    def mask_logits(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of forbidden tokens to -inf in place (ids past the tokenizer's vocab too)."""
+        allowed = torch.zeros(logits_row.shape[-1], dtype=torch.bool)
+        allowed[:self._vocab] = self.allowed()[:logits_row.shape[-1]]
+        logits_row.masked_fill_(~allowed.to(logits_row.device), float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        """Consume the chosen token; a token the mask forbade is a ValueError (the caller skipped the mask)."""
+        if self.done:
+            return
+        if not self._matcher.consume_token(int(token_id)):
+            raise ValueError(f"token {token_id} is not allowed by the step grammar: {self._matcher.get_error()}")
+
+
+def _allowed_functions(functions: list[dict], tool_choice) -> list[dict]:
+    by_name = {f["name"]: f for f in functions}
+    if tool_choice == "auto":
+        return [*functions, FINISH_FUNCTION]
+    if tool_choice == "required":
+        if not functions:
+            raise ValueError('tool_choice "required" needs at least one function')
+        return list(functions)
+    if tool_choice == "none":
+        return [FINISH_FUNCTION]
+    if isinstance(tool_choice, dict):
+        name = tool_choice.get("name") or tool_choice.get("function", {}).get("name")
+        if name == FINISH:
+            return [FINISH_FUNCTION]
+        if name not in by_name:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the functions {sorted(by_name)}")
+        return [by_name[name]]
+    raise ValueError(f'tool_choice must be "auto", "required", "none" or {{"name": X}}, not {tool_choice!r}')
+
+
+def bounded(schema, chars: int = 48, items: int = 3):
+    """`schema` with every value of bounded size, for decoding that must end within a token budget.
+
+    Strings get maxLength `chars`, arrays maxItems `items`, integers a 9-digit range, objects no keys
+    beyond their properties (tighter limits already there are kept). Real ToolBench arguments can be
+    longer (a Finish answer), so this is for a budget, not the default.
+    """
+    if isinstance(schema, list):
+        return [bounded(s, chars, items) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded(value, chars, items) if key in ("items", "anyOf", "oneOf", "allOf") else value
+           for key, value in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: bounded(s, chars, items) for name, s in schema["properties"].items()}
+    kind = schema.get("type")
+    if kind == "string":
+        out["maxLength"] = min(schema.get("maxLength", chars), chars)
+    elif kind == "array":
+        out["maxItems"] = min(schema.get("maxItems", items), items)
+    elif kind in ("integer", "number"):
+        out["minimum"] = max(schema.get("minimum", -10**9), -10**9)
+        out["maximum"] = min(schema.get("maximum", 10**9), 10**9)
+    elif kind == "object":
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
+              value_chars: int | None = None) -> str:
+    """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them);
+    `value_chars` bounds the arguments' values (`bounded`), None leaves them free."""
+    whitespace = {"whitespace_pattern": f"(\n {{0,{JSON_INDENT}}})? ?"}
+    calls = []
+    for function in _allowed_functions(functions, tool_choice):
+        schema = dict(function.get("parameters") or {"type": "object"})
+        if value_chars is not None:
+            schema = bounded(schema, chars=value_chars)
+        schema["x-guidance"] = whitespace
+        calls.append(_lark_string(f"{function['name']}\nAction Input: ") + " %json" + json.dumps(schema))
+    return "\n".join([
+        'start: "\\nThought: " thought call',
+        # Lazy: the thought ends at the first "\nAction: ", which it includes. Bounded in characters (so
+        # in tokens too): a token cap would end the lexeme anywhere, "\nAction: " unwritten.
+        f"thought[lazy]: /(.|\\n){{0,{thought_chars}}}\\nAction: /",
+        "call: " + "\n    | ".join(calls),
+    ]) + "\n"
+
+
+class StepGrammar:
+    """The step grammar's tokenizer for one model tokenizer; makes matchers."""
+
+    def __init__(self, tok):
+        hf = _HFTokenizer.from_str(tok._tok.to_str())
+        vocab = hf.get_vocab()
+        hf.add_special_tokens([name for name in _NOT_TEXT if name in vocab])   # ids unchanged
+        self.ll_tokenizer = llguidance.LLTokenizer(hf.to_str(), eos_token=EOS_ID)
+
+    def matcher(self, functions: list[dict], tool_choice="auto", thought_chars: int = THOUGHT_CHARS,
+                value_chars: int | None = None) -> StepMatcher:
+        """A matcher for one step. A decoder that must end within N new tokens (any model, an untrained
+        one too) passes thought_chars=N // 4 (at most that many tokens) and value_chars (`bounded`)."""
+        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, value_chars))
+
+
+@functools.cache
+def for_tokenizer(tok) -> StepGrammar:
+    """The grammar for `tok` (an `slm.Tokenizer`), built once per tokenizer object."""
+    return StepGrammar(tok)
+
+
+def mask_logits(logits: torch.Tensor, matchers: list) -> None:
+    """Mask (B, vocab) logits in place, row i by matchers[i]; rows whose matcher is None are left."""
+    for row, matcher in zip(logits, matchers):
+        if matcher is not None:
+            matcher.mask_logits(row)

@@ -1,0 +1,145 @@
+"""slm.step_grammar against ToolBench's real steps, and constrained slm.generate on an untrained model.
+
+The grammar must accept every assistant step of the real trajectories in ../shared that calls a declared
+function (it never forbids what the model was trained to write), reject malformed steps, and make an
+untrained model end in a call whose arguments jsonschema accepts. Run: pytest tests/test_step_grammar.py
+"""
+
+import glob
+import json
+
+import jsonschema
+import pytest
+import torch
+
+import slm
+from slm import step_grammar, toolbench
+from slm.toolbench.template import split_system
+
+from conftest import shared_path
+
+WEATHER = {"name": "get_weather_for_weather", "description": "", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+BOOKING = {"name": "book_for_travel", "description": "", "parameters": {
+    "type": "object",
+    "properties": {
+        "cabin": {"type": "string", "enum": ["economy", "business"]},
+        "passengers": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]},
+            "minItems": 1, "maxItems": 2},
+        "trip": {"type": "object", "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
+                 "required": ["from", "to"]},
+    },
+    "required": ["cabin", "passengers", "trip"]}}
+
+
+def accepts(grammar, tok, functions, text, tool_choice="auto") -> bool:
+    matcher = grammar.matcher(functions, tool_choice)
+    try:
+        for token in tok.encode(text, add_bos=False) + [slm.tokenizer.EOS_ID]:
+            matcher.advance(token)
+    except ValueError:
+        return False
+    return matcher.done
+
+
+def real_steps():
+    """(declared functions without Finish, assistant value) of every real trajectory step in ../shared."""
+    root = shared_path("toolbench")
+    files = sorted(glob.glob(str(root / "sft" / "*.json")) + glob.glob(str(root / "trajectories" / "**" / "*.json"),
+                                                                      recursive=True))
+    for path in files:
+        data = json.loads(open(path).read())
+        for row in data if isinstance(data, list) else [data]:
+            conversations = row.get("conversations") or []
+            if not conversations:
+                continue
+            functions = [f for f in split_system(conversations[0]["value"])[1] if f["name"] != toolbench.FINISH]
+            for message in conversations:
+                if message["from"] == "assistant":
+                    yield functions, message["value"]
+
+
+def test_accepts_every_real_step_that_calls_a_declared_function(opt_tokenizer):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    checked, rejected = 0, []
+    for functions, value in real_steps():
+        step = toolbench.parse_step(value)
+        thought_has_action = "\nAction: " in value.partition("\nAction: ")[2].partition("\nAction Input: ")[0]
+        if step.action not in {f["name"] for f in functions} | {toolbench.FINISH} or thought_has_action:
+            continue   # undeclared names are rejected on purpose (see the module docstring)
+        checked += 1
+        if not accepts(grammar, opt_tokenizer, functions, value):
+            rejected.append(value[:120])
+    assert checked > 100
+    assert not rejected, rejected
+
+
+@pytest.mark.parametrize("text", [
+    '\nThought: x\nAction: get_weather\nAction Input: {"city":"Paris"}',            # undeclared name
+    '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"town":"Paris"}',  # missing required key
+    '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":3}',        # wrong type
+    '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"',   # unclosed
+    '\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"}',             # no thought
+    '\nThought: x\nAction: Finish\nAction Input: {"return_type":"give_in"}',         # Finish's enum
+])
+def test_rejects_malformed_steps(opt_tokenizer, text):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    assert not accepts(grammar, opt_tokenizer, [WEATHER], text)
+
+
+def test_tool_choice_sets_the_allowed_names(opt_tokenizer):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    call = '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"}'
+    finish = '\nThought: x\nAction: Finish\nAction Input: {"return_type":"give_answer","final_answer":"ok"}'
+    assert accepts(grammar, opt_tokenizer, [WEATHER], call, "required")
+    assert not accepts(grammar, opt_tokenizer, [WEATHER], finish, "required")
+    assert accepts(grammar, opt_tokenizer, [WEATHER], finish, "none")
+    assert not accepts(grammar, opt_tokenizer, [WEATHER], call, "none")
+    assert accepts(grammar, opt_tokenizer, [WEATHER, BOOKING], call, {"name": WEATHER["name"]})
+    assert not accepts(grammar, opt_tokenizer, [WEATHER, BOOKING], call, {"name": BOOKING["name"]})
+
+
+def untrained_model(vocab_size: int, seed: int):
+    torch.manual_seed(seed)
+    config = slm.OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           ffn_dim=64, max_position_embeddings=512, word_embed_proj_dim=32)
+    return slm.OPT(config).eval()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"name": BOOKING["name"]}])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_untrained_model_ends_in_a_schema_valid_call(opt_tokenizer, tool_choice, seed):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    model = untrained_model(50272, seed)   # OPT's embedding rows: wider than the tokenizer's 50265
+    functions = [WEATHER, BOOKING]
+    prompts = [opt_tokenizer.encode("User: book a flight\nAssistant: "), opt_tokenizer.encode("Assistant: ")]
+    matchers = [grammar.matcher(functions, tool_choice, thought_chars=64, value_chars=48) for _ in prompts]
+    outputs = slm.generate(model, prompts, max_new_tokens=256, constraints=matchers)
+    schemas = {f["name"]: f["parameters"] for f in functions}
+    for tokens in outputs:
+        assert tokens[-1] == slm.tokenizer.EOS_ID, "no </s> within 256 new tokens"
+        step = toolbench.parse_step(opt_tokenizer.decode(tokens[:-1]))
+        assert step.action in schemas
+        if isinstance(tool_choice, dict):
+            assert step.action == tool_choice["name"]
+        jsonschema.validate(step.action_input, schemas[step.action])
+
+
+def test_unconstrained_rows_decode_as_without_constraints(opt_tokenizer):
+    model = untrained_model(50272, 0)
+    prompts = [opt_tokenizer.encode("Assistant: "), opt_tokenizer.encode("User: hi\nAssistant: ")]
+    plain = slm.generate(model, prompts, max_new_tokens=16)
+    matcher = step_grammar.for_tokenizer(opt_tokenizer).matcher([WEATHER], "required")
+    mixed = slm.generate(model, prompts, max_new_tokens=16, constraints=[None, matcher])
+    assert mixed[0] == plain[0]
+
+
+def test_works_with_a_trained_tokenizer_whose_merges_span_words(tmp_path):
+    """The smoke models' kind of tokenizer: whole phrases as tokens, names isolated."""
+    steps = [step.partition("\nAction Input: ")[0] for _, step in real_steps()][:40]
+    tok = slm.train_tokenizer(steps * 3, 600, tmp_path, isolate=slm.tokenizer.NAMES)
+    grammar = step_grammar.for_tokenizer(tok)
+    call = '\nThought: I will check the weather.\nAction: get_weather_for_weather\nAction Input: {\n  "city": "Paris"\n}'
+    assert accepts(grammar, tok, [WEATHER], call)
+    assert not accepts(grammar, tok, [WEATHER], call.replace("get_weather_for_weather", "get_weather"))
