@@ -15,6 +15,7 @@ from ..toolbench.parse import ParseError
 from .protocol import APIError
 
 EOS_ID = 2   # OPT's </s>, which ends an assistant step
+MIN_VALUE_CHARS = 24
 
 
 class QueueFull(Exception):
@@ -78,8 +79,10 @@ class Worker:
             r = job.request
             functions = [tool["function"] for tool in r["tools"]]
             budget = r["max_tokens"]
+            # Values bounded so a step fits the budget; never under Finish's longest enum value (19 chars),
+            # which a smaller bound makes unsatisfiable.
             matchers.append(self.grammar.matcher(functions, r["tool_choice"], thought_chars=budget // 4,
-                                                 value_chars=max(1, budget // 4)))
+                                                 value_chars=max(MIN_VALUE_CHARS, budget // 4)))
         tokens = generate(self.model, [job.prompt for job in batch], max(j.request["max_tokens"] for j in batch),
                           eos_id=EOS_ID,
                           constraints=matchers, temperatures=[j.request["temperature"] for j in batch],
