@@ -40,8 +40,9 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",   # loss.png and pass_rate.png (slm/plots.py)
+        "starlette", "uvicorn", "llguidance",   # python -m slm.serve
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
     # "kernels" is Hugging Face's package (transformers >= 5.25 needs it): tests/test_import_name.py runs beside it.
-    extras_require={"test": ["pytest", "transformers>=4.40", "kernels"]},
+    extras_require={"test": ["pytest", "transformers>=4.40", "kernels", "openai", "jsonschema"]},
 )

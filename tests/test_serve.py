@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import slm
+from slm import chat, step_grammar
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +44,19 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def checkpoint(tmp_path_factory) -> Path:
     tok = slm.load_tokenizer(shared_path("opt"))
     torch.manual_seed(0)
     config = slm.OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            ffn_dim=64, max_position_embeddings=2048, word_embed_proj_dim=32)
     directory = tmp_path_factory.mktemp("served") / "tiny"
     slm.save_model(slm.OPT(config).eval(), directory, tokenizer=tok)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    directory = checkpoint
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -153,3 +160,16 @@ def test_temperature_0_is_slm_generate(client, server):
                                 range(16)))
     calls = {a.choices[0].message.tool_calls[0].function.arguments for a in answers}
     assert len(calls) == 1
+
+
+def test_temperature_0_answer_is_slm_generates_tokens(client, checkpoint):
+    tok = slm.load_tokenizer(checkpoint)
+    model = slm.load_model(checkpoint)
+    # The server's grammar for max_tokens=64: thought 64 // 4 chars, values at least 24.
+    matcher = step_grammar.for_tokenizer(tok).matcher([WEATHER["function"]], "required", thought_chars=16,
+                                                      value_chars=24)
+    prompt = tok.encode(chat.render(MESSAGES, [WEATHER]))
+    row = slm.generate(model, [prompt], 64, constraints=[matcher])[0]
+    expected = chat.parse(tok.decode(row[:-1] if row[-1] == 2 else row), [WEATHER])
+    answer = ask(client, tools=[WEATHER], tool_choice="required", temperature=0)
+    assert answer.choices[0].message.tool_calls[0].function.arguments == expected["tool_calls"][0]["function"]["arguments"]
