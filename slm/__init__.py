@@ -5,8 +5,10 @@
     model = slm.OPT(config, kernels={"attention": "triton"}, activation_checkpointing=True)  # kernels: see kernels/
     tok = slm.load_tokenizer("path/to/opt-350m")
     new_tokens = slm.generate(model, [tok.encode("Hello")], max_new_tokens=20)
+    prompt = slm.chat.render(messages, tools)     # an OpenAI-style conversation as the training text (chat.py)
 """
 
+from . import chat
 from .config import OPTConfig
 from .generate import generate
 from .model import OPT, KVCache
@@ -15,5 +17,5 @@ from .weights import CheckpointError, load_model, save_model
 
 __all__ = [
     "OPTConfig", "OPT", "KVCache", "Tokenizer", "load_tokenizer", "train_tokenizer",
-    "CheckpointError", "load_model", "save_model", "generate",
+    "CheckpointError", "load_model", "save_model", "generate", "chat",
 ]

@@ -122,3 +122,15 @@ def test_apply_chat_template_equals_render(checkpoint, index):
     for tools in (TOOLS, None):
         hf = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         assert hf == chat.render(messages, tools)
+
+
+def test_smoke_tokenizer_checkpoint_ships_the_template_file(tmp_path):
+    """A tokenizer whose merges span words has no tokenizer_config.json; the template ships as chat_template.jinja."""
+    from slm.tokenizer import NAMES
+
+    tok = slm.train_tokenizer([chat.render(c, TOOLS) for c in CONVERSATIONS], vocab_size=400,
+                              out_dir=tmp_path / "tok", isolate=NAMES)
+    _, path = make_checkpoint(tmp_path / "in", TINY_CONFIGS["pre_ln"])
+    out = slm.save_model(slm.load_model(path), tmp_path / "out", tokenizer=tok)
+    assert not (out / "tokenizer_config.json").exists()
+    assert (out / "chat_template.jinja").read_text() == chat.CHAT_TEMPLATE
