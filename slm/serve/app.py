@@ -116,12 +116,13 @@ async def _wait(job, request: Request):
 
 
 async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-    body = bytearray()
+    """The body, or a 413 once it passes MAX_BODY_BYTES; the rest is read and dropped (not kept), so the
+    client gets the 413 instead of a connection reset while it is still sending."""
+    body, over = bytearray(), False
     async for part in request.stream():
-        body += part
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        over = over or len(body) + len(part) > MAX_BODY_BYTES
+        if not over:
+            body += part
+    if over:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
     return bytes(body)
