@@ -32,7 +32,7 @@ setup(
     version="0.1.0",
     description="Small language models for agentic tool calling: OPT-350M SFT on ToolBench",
     python_requires=">=3.10",
-    packages=["slm", "slm.toolbench", "slm.kernels"],
+    packages=["slm", "slm.toolbench", "slm.kernels", "slm.serve"],
     cmdclass={"build_py": BuildPy},
     install_requires=[
         "torch>=2.4",
@@ -41,12 +41,14 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",   # loss.png and pass_rate.png (slm/plots.py)
+        "starlette", "uvicorn",   # python -m slm.serve
+        "llguidance",             # slm.step_grammar: tool calls valid by construction
         "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",  # the GPU machine's version
     ],
     # "kernels" is Hugging Face's package (transformers >= 5.25 needs it): tests/test_import_name.py runs beside it.
     # "bfcl" is what bfcl_eval's checker imports; bfcl-eval itself goes in with --no-deps (README, BFCL):
     # its own requirements pin numpy==1.26.4 and pull every provider SDK, faiss and sentence-transformers.
-    extras_require={"test": ["pytest", "transformers>=4.40", "kernels"],
+    extras_require={"test": ["pytest", "transformers>=4.40", "kernels", "openai", "jsonschema"],
                     "bfcl": ["tree_sitter==0.21.3", "tree-sitter-java==0.21.0", "tree-sitter-javascript==0.21.4",
                              "tenacity", "filelock", "python-dotenv", "overrides", "pandas", "requests", "openai"]},
 )

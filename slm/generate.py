@@ -75,6 +75,8 @@ def generate(
     pad_id: int | None = None,
     check_every: int = 8,
     constraints: list | None = None,
+    temperatures: list[float] | None = None,
+    cancelled=None,
 ) -> list[list[int]]:
     """Greedy continuation of every prompt; new tokens only, each list ending at its first eos_id.
 
@@ -88,6 +90,10 @@ def generate(
     check_every: how many steps pass between checks that every sequence has finished.
     constraints: one `slm.step_grammar` matcher or None per prompt (see the module docstring); the
         matchers are advanced in place. With any matcher, compile is not used.
+    temperatures: one per prompt; a row above 0 samples from softmax(logits / t) instead of the argmax
+        (torch's global generator). Takes the host loop, as constraints do; rows at 0 are greedy.
+    cancelled: a callable, called once per step with no arguments, returning the set of row indexes to
+        stop now (a server's disconnected clients); those rows keep the tokens they have. Host loop too.
     """
     if not prompts:
         return []
@@ -120,10 +126,16 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
 
     cache = model.new_kv_cache(batch, total)
-    if constraints is not None and any(c is not None for c in constraints):
+    host_loop = (constraints is not None and any(c is not None for c in constraints)) or cancelled is not None \
+        or (temperatures is not None and any(t > 0 for t in temperatures))
+    if host_loop:
+        constraints = constraints if constraints is not None else [None] * batch
         if len(constraints) != batch:
             raise ValueError(f"{len(constraints)} constraints for {batch} prompts: give one matcher or None each")
-        return _generate_constrained(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints)
+        if temperatures is not None and len(temperatures) != batch:
+            raise ValueError(f"{len(temperatures)} temperatures for {batch} prompts: give one each")
+        return _generate_constrained(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints,
+                                     temperatures, cancelled)
     step_fn = decode_step
     if compile:
         step_fn = compiled_decode_step(device.type)
@@ -158,8 +170,10 @@ def generate(
     return tokens
 
 
-def _generate_constrained(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers) -> list[list[int]]:
-    """Greedy decoding of a prepared batch, each row with a matcher masked by its grammar."""
+def _generate_constrained(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers,
+                          temperatures=None, cancelled=None) -> list[list[int]]:
+    """Decoding of a prepared batch on the host: each row with a matcher masked by its grammar, rows with a
+    temperature above 0 sampled, rows that `cancelled` names stopped."""
     longest = input_ids.shape[1]
     hidden = model(input_ids, attention_mask=mask[:, :longest], cache=cache, return_hidden=True)
     logits = (hidden[:, -1] @ model.lm_head_weight.T).float().cpu()     # (B, vocab)
@@ -169,6 +183,12 @@ def _generate_constrained(model: OPT, input_ids, mask, cache, max_new_tokens: in
     for step in range(max_new_tokens):
         step_grammar.mask_logits(logits, matchers)
         next_token = logits.argmax(dim=-1)
+        for i, t in enumerate(temperatures or []):
+            if t > 0:
+                next_token[i] = torch.multinomial(torch.softmax(logits[i] / t, dim=-1), 1)[0]
+        if cancelled is not None:
+            for i in cancelled():
+                finished[i] = True
         for i, token in enumerate(next_token.tolist()):
             if finished[i]:
                 continue

@@ -1,0 +1,7 @@
+"""An OpenAI-compatible chat endpoint for a checkpoint that train.py saved.
+
+    python -m slm.serve --model out/final --port 8000 --api-key KEY
+
+`protocol` validates requests and shapes answers and errors as the `openai` package's types define them;
+`worker` batches waiting requests through one decode thread; `app` is the Starlette application.
+"""
