@@ -154,7 +154,7 @@ def suite_run(url, queries, tiny_model, tmp_path_factory):  # noqa: F811  (tiny_
     script = Script(scripted_runs(queries))
     script.seconds = script.new_tokens = script.calls = 0   # the timings evaluate.main reports
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate, "Decoder", lambda *args: script)
+        patch.setattr(evaluate, "Decoder", lambda *args, **kwargs: script)
         results = evaluate.main(["--model", str(tiny_model), "--suite", "stabletoolbench", "--data", str(data),
                                  "--tools", str(SHARED / "toolbench/tools/toolenv2404"), "--tool-server", url,
                                  "--toolbench-key", "SECRET-KEY-42", "--out", str(out / "eval")])
