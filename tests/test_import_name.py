@@ -42,7 +42,8 @@ for op, names in kernels.available().items():
         ran.append(f"{op}={name}")
 from transformers import OPTConfig, OPTForCausalLM
 OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64))
-import kernels as hub_kernels
+import importlib
+hub_kernels = importlib.import_module("kernels")   # the top-level name: Hugging Face's package, never ours
 print(json.dumps({"ran": ran, "kernels_file": hub_kernels.__file__,
                   "has_hub_api": hasattr(hub_kernels, "CUDAProperties"), "slm_kernels": list(kernels.__path__)}))
 """
