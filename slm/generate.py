@@ -134,7 +134,7 @@ def generate(
             raise ValueError(f"{len(constraints)} constraints for {batch} prompts: give one matcher or None each")
         if temperatures is not None and len(temperatures) != batch:
             raise ValueError(f"{len(temperatures)} temperatures for {batch} prompts: give one each")
-        return _generate_constrained(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints,
+        return _generate_on_host(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints,
                                      temperatures, cancelled)
     step_fn = decode_step
     if compile:
@@ -170,7 +170,7 @@ def generate(
     return tokens
 
 
-def _generate_constrained(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers,
+def _generate_on_host(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers,
                           temperatures=None, cancelled=None) -> list[list[int]]:
     """Decoding of a prepared batch on the host: each row with a matcher masked by its grammar, rows with a
     temperature above 0 sampled, rows that `cancelled` names stopped."""
