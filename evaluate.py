@@ -117,8 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fitted to leave this many positions free")
     parser.add_argument("--constrained", action="store_true",
                         help="decode every step under slm.step_grammar (tool choice auto: a declared function "
-                             "or Finish, schema-valid arguments; thought and argument values bounded by --max-new-tokens); "
-                             "results.json's 'decoding' records it")
+                             "or Finish, schema-valid arguments; a step with no end within --max-new-tokens is decoded "
+                             "again with its thought and values bounded to a quarter of that in characters); "
+                             "results.json's 'decoding' and 'budget_redone' record it")
     parser.add_argument("--max-steps", type=int, default=10,
                         help="assistant steps (tool calls, Finish included) per episode (default 10, as ToolEval)")
     parser.add_argument("--max-len", type=int, default=None,
@@ -184,6 +185,7 @@ class Decoder:
     seconds: float = 0.0
     new_tokens: int = 0
     calls: int = 0
+    budget_redone: int = 0
 
     def prompt(self, history: list[dict]) -> list[int]:
         """Training's rendering and fitting of `history`, leaving room for one step (ValueError if it can't).
@@ -195,14 +197,29 @@ class Decoder:
         functions = toolbench.split_system(history[0]["value"])[1]
         return GrammarPrompt(tokens, functions=[f for f in functions if f["name"] != FINISH])
 
-    def _constraints(self, prompts: list[list[int]]) -> list | None:
+    def _constraints(self, prompts: list[list[int]], budget: bool = False) -> list | None:
+        """One matcher per GrammarPrompt (tool choice auto). Unbounded, the grammar forbids only malformed
+        steps; `budget` bounds the thought and each value to a quarter of the token limit in characters, so
+        that the step ends within it (cutting what is longer, a long Finish answer say)."""
         if not self.constrained:
             return None
         grammar = step_grammar.for_tokenizer(self.tok)
-        # Bounded by the step's token limit, so that a step always ends: the thought at max_new_tokens
-        # characters, each argument value at a quarter of that.
-        return [grammar.matcher(p.functions, thought_chars=self.max_new_tokens, value_chars=self.max_new_tokens // 4)
-                if isinstance(p, GrammarPrompt) else None for p in prompts]
+        bounds = {"thought_chars": self.max_new_tokens // 4, "value_chars": self.max_new_tokens // 4} if budget else {}
+        return [grammar.matcher(p.functions, **bounds) if isinstance(p, GrammarPrompt) else None for p in prompts]
+
+    def _generate(self, batch: list[list[int]]) -> list[list[int]]:
+        outputs = generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID, constraints=self._constraints(batch))
+        if self.constrained:
+            # A constrained step that found no end within the limit is decoded again under the budget grammar:
+            # steps that fit are never cut, and every step ends.
+            redo = [i for i, tokens in enumerate(outputs) if EOS_ID not in tokens and isinstance(batch[i], GrammarPrompt)]
+            if redo:
+                again = [batch[i] for i in redo]
+                for i, tokens in zip(redo, generate(self.model, again, self.max_new_tokens, eos_id=EOS_ID,
+                                                    constraints=self._constraints(again, budget=True))):
+                    outputs[i] = tokens
+                self.budget_redone += len(redo)
+        return outputs
 
     def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
         # Similar lengths share a chunk, so little of each batch is padding.
@@ -211,9 +228,7 @@ class Decoder:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             began = time.perf_counter()
-            batch = [prompts[i] for i in chunk]
-            for i, tokens in zip(chunk, generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID,
-                                                 constraints=self._constraints(batch))):
+            for i, tokens in zip(chunk, self._generate([prompts[i] for i in chunk])):
                 outputs[i] = tokens
             self.seconds += time.perf_counter() - began
             self.new_tokens += sum(len(outputs[i]) for i in chunk)
@@ -680,6 +695,7 @@ def main(argv=None) -> dict:
     results = {
         "suite": args.suite,
         "decoding": "constrained (slm.step_grammar, tool choice auto)" if args.constrained else "unconstrained",
+        "budget_redone": decoder.budget_redone,   # constrained steps without an end, decoded again under a budget
         "note": "offline_pass_rate is this evaluator's offline gate, not ToolBench's judged pass rate"
                 if args.suite == "stabletoolbench" else "",
         "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),

@@ -29,12 +29,13 @@ something other than an allowed name (the thought ends at its first "\\nAction: 
 
 import functools
 import json
+import os
 
 import llguidance
 import torch
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .tokenizer import EOS_ID
+from .tokenizer import EOS_ID, load_tokenizer
 from .toolbench.schemas import FINISH, FINISH_FUNCTION
 
 THOUGHT_CHARS = 3000   # ToolBench's longest thoughts in ../shared are about 1500 characters (314 OPT tokens)
@@ -62,19 +63,11 @@ class StepMatcher:
 
     def allowed(self) -> torch.Tensor:
         """A (vocab,) bool tensor of the tokens the grammar allows next (only EOS once the step is done)."""
-        if self.done:
-            only_eos = torch.zeros(self._vocab, dtype=torch.bool)
-            only_eos[EOS_ID] = True
-            return only_eos
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
-        bits = (words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-        return bits.flatten()[:self._vocab].bool()
+        return allowed([self])[0]
 
     def mask_logits(self, logits_row: torch.Tensor) -> None:
         """Set the logits of forbidden tokens to -inf in place (ids past the tokenizer's vocab too)."""
-        allowed = torch.zeros(logits_row.shape[-1], dtype=torch.bool)
-        allowed[:self._vocab] = self.allowed()[:logits_row.shape[-1]]
-        logits_row.masked_fill_(~allowed.to(logits_row.device), float("-inf"))
+        mask_logits(logits_row[None], [self])
 
     def advance(self, token_id: int) -> None:
         """Consume the chosen token; a token the mask forbade is a ValueError (the caller skipped the mask)."""
@@ -120,7 +113,9 @@ def bounded(schema, chars: int = 48, items: int = 3):
     if "properties" in schema:
         out["properties"] = {name: bounded(s, chars, items) for name, s in schema["properties"].items()}
     kind = schema.get("type")
-    if kind == "string":
+    if "enum" in schema or "const" in schema:
+        pass   # already finite; a length bound could forbid a listed value (Finish's "give_up_and_restart")
+    elif kind == "string":
         out["maxLength"] = min(schema.get("maxLength", chars), chars)
     elif kind == "array":
         out["maxItems"] = min(schema.get("maxItems", items), items)
@@ -171,12 +166,47 @@ class StepGrammar:
 
 @functools.cache
 def for_tokenizer(tok) -> StepGrammar:
-    """The grammar for `tok` (an `slm.Tokenizer`), built once per tokenizer object."""
+    """The grammar for `tok`: an `slm.Tokenizer`, or a checkpoint or tokenizer directory; built once per
+    tokenizer object or path."""
+    if isinstance(tok, (str, os.PathLike)):
+        tok = load_tokenizer(tok)
     return StepGrammar(tok)
 
 
+# Byte value -> its 8 bits, least significant first: llguidance's mask is little-endian 32-bit words.
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    return llguidance.LLExecutor()   # llguidance's threads (80% of the CPUs, at most 32)
+
+
+def allowed(matchers: list[StepMatcher]) -> torch.Tensor:
+    """(len(matchers), vocab) bool: the tokens each matcher allows next, the masks filled in parallel."""
+    vocab = matchers[0]._vocab
+    words = torch.zeros((len(matchers), (vocab + 31) // 32), dtype=torch.int32)
+    live = [(m._matcher, i) for i, m in enumerate(matchers) if not m.done]
+    if live:
+        # Writes row i of `words` for each (matcher, i) through its pointer: the tensor must stay contiguous.
+        _executor().unsafe_compute_mask_ptr(live, words.data_ptr(), words.shape[1] * 4, len(matchers))
+    rows = _BYTE_BITS[words.view(torch.uint8).long()].flatten(1)[:, :vocab]
+    for i, m in enumerate(matchers):
+        if m.done:   # a finished grammar may only be followed by EOS
+            rows[i] = False
+            rows[i, EOS_ID] = True
+    return rows
+
+
 def mask_logits(logits: torch.Tensor, matchers: list) -> None:
-    """Mask (B, vocab) logits in place, row i by matchers[i]; rows whose matcher is None are left."""
-    for row, matcher in zip(logits, matchers):
-        if matcher is not None:
-            matcher.mask_logits(row)
+    """Mask (B, width) logits in place, row i by matchers[i]: forbidden tokens and ids past the tokenizer's
+    vocabulary (an embedding padded wider) become -inf. Rows whose matcher is None are left."""
+    index = [i for i, m in enumerate(matchers) if m is not None]
+    if not index:
+        return
+    rows = allowed([matchers[i] for i in index])
+    forbid = torch.zeros(logits.shape, dtype=torch.bool)
+    forbid[index] = True
+    vocab = min(rows.shape[1], logits.shape[-1])
+    forbid[index, :vocab] = ~rows[:, :vocab]
+    logits.masked_fill_(forbid.to(logits.device), float("-inf"))

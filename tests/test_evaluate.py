@@ -428,6 +428,7 @@ def test_untrained_model_constrained_parses_every_step(tiny_model, tmp_path):
                              "--max-steps", "2", "--max-new-tokens", "160", "--batch-size", "4",
                              "--out", str(tmp_path)])
     assert results["decoding"].startswith("constrained")
+    assert results["budget_redone"] > 0   # an untrained model's thought runs on: its steps end under the budget
     records = [json.loads(line) for line in (tmp_path / "records/synthetic.jsonl").read_text().splitlines()]
     assert records and not [r["outcome"] for r in records if r["outcome"] in ("malformed_step", "runaway")]
     assert results["overall"]["format_valid_rate"] == 1.0

@@ -143,3 +143,74 @@ def test_works_with_a_trained_tokenizer_whose_merges_span_words(tmp_path):
     call = '\nThought: I will check the weather.\nAction: get_weather_for_weather\nAction Input: {\n  "city": "Paris"\n}'
     assert accepts(grammar, tok, [WEATHER], call)
     assert not accepts(grammar, tok, [WEATHER], call.replace("get_weather_for_weather", "get_weather"))
+
+
+def test_value_bound_keeps_enum_values(opt_tokenizer):
+    """A bound shorter than an enum's longest value must not forbid it (Finish's "give_up_and_restart")."""
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    give_up = '\nThought: x\nAction: Finish\nAction Input: {"return_type":"give_up_and_restart"}'
+    long_city = '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"Llanfairpwllgwyngyll"}'
+    bounded = grammar.matcher([WEATHER], "auto", value_chars=8)
+    for token in opt_tokenizer.encode(give_up, add_bos=False) + [slm.tokenizer.EOS_ID]:
+        bounded.advance(token)
+    assert bounded.done
+    assert accepts(grammar, opt_tokenizer, [WEATHER], long_city)
+    with pytest.raises(ValueError):
+        matcher = grammar.matcher([WEATHER], "auto", value_chars=8)
+        for token in opt_tokenizer.encode(long_city, add_bos=False):
+            matcher.advance(token)
+
+
+def test_evaluate_constrained_leaves_long_finish_answers_whole(opt_tokenizer):
+    import evaluate
+    decoder = evaluate.Decoder(None, opt_tokenizer, 1024, max_new_tokens=64, batch_size=1, constrained=True)
+    [matcher] = decoder._constraints([evaluate.GrammarPrompt([2], functions=[WEATHER])])
+    answer = "The weather in Paris is sunny, 21 degrees, with a light wind from the west all afternoon. " * 2
+    step = ('\nThought: I have it.\nAction: Finish\nAction Input: '
+            + json.dumps({"return_type": "give_answer", "final_answer": answer}))
+    for token in opt_tokenizer.encode(step, add_bos=False) + [slm.tokenizer.EOS_ID]:
+        matcher.advance(token)
+    assert matcher.done
+
+
+def test_batched_mask_equals_each_rows_own_bitmask(opt_tokenizer):
+    """mask_logits fills all rows' masks together; each row must equal its matcher's own compute_bitmask."""
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    prefixes = ["", "\nThought: let me see", "\nThought: x\nAction: ", '\nThought: x\nAction: get_weather_for_weather'
+                '\nAction Input: {"city":"Par']
+    matchers = []
+    for text in prefixes:
+        matcher = grammar.matcher([WEATHER, BOOKING], "auto")
+        for token in opt_tokenizer.encode(text, add_bos=False) if text else []:
+            matcher.advance(token)
+        matchers.append(matcher)
+    done = grammar.matcher([WEATHER], "required")
+    for token in opt_tokenizer.encode('\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"P"}',
+                                      add_bos=False) + [slm.tokenizer.EOS_ID]:
+        done.advance(token)
+    assert done.done
+    matchers = [matchers[0], None, *matchers[1:], done]
+    logits = torch.randn(len(matchers), 50272)   # OPT's embedding rows: wider than the tokenizer's 50265
+    masked = logits.clone()
+    step_grammar.mask_logits(masked, matchers)
+    vocab = opt_tokenizer.vocab_size
+    for row, matcher in enumerate(matchers):
+        if matcher is None:
+            assert torch.equal(masked[row], logits[row])
+            continue
+        if matcher.done:
+            expected = torch.zeros(vocab, dtype=torch.bool)
+            expected[slm.tokenizer.EOS_ID] = True
+        else:
+            words = matcher._matcher.compute_bitmask()
+            expected = torch.tensor([bool(words[t // 8] >> (t % 8) & 1) for t in range(vocab)])
+        kept = masked[row] != float("-inf")
+        assert torch.equal(kept[:vocab], expected), f"row {row}"
+        assert not kept[vocab:].any()
+        assert torch.equal(masked[row][kept], logits[row][kept])
+
+
+def test_for_tokenizer_takes_a_directory(tmp_path, opt_tokenizer):
+    opt_tokenizer.save(tmp_path)
+    grammar = step_grammar.for_tokenizer(str(tmp_path))
+    assert accepts(grammar, opt_tokenizer, [WEATHER], '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"P"}')
