@@ -214,3 +214,13 @@ def test_for_tokenizer_takes_a_directory(tmp_path, opt_tokenizer):
     opt_tokenizer.save(tmp_path)
     grammar = step_grammar.for_tokenizer(str(tmp_path))
     assert accepts(grammar, opt_tokenizer, [WEATHER], '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"P"}')
+
+
+def test_thought_is_free_unless_bounded(opt_tokenizer):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    step = "\nThought: " + "I will check the weather first. " * 60 + '\nAction: get_weather_for_weather\nAction Input: {"city":"P"}'
+    assert accepts(grammar, opt_tokenizer, [WEATHER], step)   # 1,900 characters
+    bounded = grammar.matcher([WEATHER], "auto", thought_chars=500)
+    with pytest.raises(ValueError):
+        for token in opt_tokenizer.encode(step, add_bos=False):
+            bounded.advance(token)
