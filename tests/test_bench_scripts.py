@@ -28,21 +28,22 @@ def load_script(name: str):
 ])
 def test_kernel_benchmark_runs_on_cpu(tmp_path, op, impl, sizes):
     out = tmp_path / "rows.json"
-    rows = load_script("op").main(["--op", op, "--impl", impl, "--device", "cpu", "--dtype", "fp32",
-                                        "--reps", "1", "--json", str(out), *sizes])
+    result = load_script("op").main(["--op", op, "--impl", impl, "--device", "cpu", "--dtype", "fp32",
+                                     "--reps", "1", "--json", str(out), *sizes])
+    rows = result["rows"]
     names = [row["impl"] for row in rows]
     assert names[0] == impl and names[-1].startswith("peer: ") and len(names) == (2 if impl == "torch" else 3)
     for row in rows:
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd"] > 0 and row["device"] and row["commit"]
         assert row["peak_mib"] is None   # not measured on CPU
-    assert json.loads(out.read_text())["rows"] == rows
+    assert json.loads(out.read_text()) == result
 
 
 def test_kernel_benchmark_saved_memory_shows_the_logits(tmp_path):
     """Materialised logits are what the cross-entropy saves: (N, V) fp32 at least."""
     rows = load_script("op").main(["--op", "linear_cross_entropy", "--impl", "torch", "--device", "cpu",
-                                        "--dtype", "fp32", "--reps", "1", "--skip-check", "--tokens", "16",
-                                        "--width", "64", "--vocab", "4096"])
+                                   "--dtype", "fp32", "--reps", "1", "--skip-check", "--tokens", "16",
+                                   "--width", "64", "--vocab", "4096"])["rows"]
     assert rows[0]["saved_mib"] >= 16 * 4096 * 4 / 2**20
 
 
