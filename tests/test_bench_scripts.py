@@ -1,17 +1,20 @@
-"""The kernel and memory benchmarks run end to end on a CPU at tiny sizes, in seconds.
+"""The benchmarks run end to end on a CPU at tiny sizes, in seconds.
 
     pytest tests/test_bench_scripts.py
 
-Benchmarks are scripts pytest never collects; these tests load them by path and call their main().
+Benchmarks are scripts pytest never collects; these tests load them by path and call their main() or their
+run(), on tiny configs.
 """
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # bench/ as a package, for bench.gpu_check
 
 
 def load_script(name: str):
@@ -70,3 +73,36 @@ def test_memory_budget_on_a_tiny_config(tmp_path):
     assert checkpointed["parts_gib"]["activations"] * 5 < plain["parts_gib"]["activations"]
     lm = memory.main([*common, "--lm"])
     assert lm["parts_gib"]["loss"] == pytest.approx(2 * 64 * 50272 * 4 / 2**30, rel=0.05)   # fp32 log-probs
+
+
+def tiny_config():
+    """bench/gpu_check.py's dry-run model: opt-350m's shape (post-LN, projected embedding) at toy size."""
+    import slm
+    from bench import gpu_check
+
+    return slm.OPTConfig(**gpu_check.TINY)
+
+
+def test_train_step_checks_the_loss_then_times_each_side(tmp_path):
+    """A tiny OPT against transformers' on CPU in fp32: the losses per trained token agree, then each side
+    gets a timed row, the peer's last."""
+    from bench import gpu_check
+
+    train_step = load_script("train_step")
+    config = tiny_config()
+    dataset = gpu_check.toolbench_shards(tmp_path, 4, 64, config.vocab_size, "synthetic")
+    result = train_step.run(config, dataset, {"slm sdpa": {"attention": "sdpa"}}, "fp32", seq_len=64, batch_size=2,
+                            examples=4, passes=1, warmup=1, device="cpu")
+    assert result["losses_agree"] and list(result["loss_per_trained_token"]) == ["slm sdpa", train_step.PEER]
+    ours, peer = result["rows"]
+    assert ours["name"] == "slm sdpa" and peer["name"] == train_step.PEER and peer["vs_transformers"] == 1
+    assert ours["steps"] == result["packed_micro_batches"] and peer["steps"] == result["padded_micro_batches"]
+    assert ours["tok_s"] > 0 and ours["vs_transformers"] > 0 and result["commit"] and result["device"]
+
+
+def test_decode_gives_transformers_tokens_before_timing_them():
+    decode = load_script("decode")
+    result = decode.run(tiny_config(), "cpu", "float32", batches=(1, 3), prompt_len=8, new_tokens=4, repeats=1)
+    assert result["errors"] == [] and [r["batch"] for r in result["runs"]] == [1, 3]
+    for r in result["runs"]:
+        assert r["equal_token_share"] == 1 and r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 and len(r["ours_times_s"]) == 1
