@@ -9,7 +9,8 @@ head dims, dense and packed) and stops if a check fails. Then times, with triton
 (median), OPT-350M attention shapes: H=16, D=64, causal, bf16, 16k tokens per batch, T in {512, 1024,
 2048}; and packed sequences of a realistic length mix against the same sequences padded to the longest
 (the cost a padded batch pays) and against equal lengths run dense. Prints a table and writes JSON with
-the device name, commit and versions next to every figure.
+the device name, commit and versions next to every figure. From Python: `run(device, ...)` returns that
+JSON's dict (bench/gpu_check.py calls it at its own sizes).
 
 FLOPs (in `attention_flops`): forward 4 * B * H * T^2 * D (two matmuls of 2*T*T*D per head), halved when
 causal; backward 2.5x the forward (five matmuls to the forward's two); fwd+bwd 3.5x. Packed batches count
@@ -41,15 +42,15 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root, for slm and bench
 from bench import harness  # noqa: E402
-from bench.harness import REPO  # noqa: E402
 from slm import provenance  # noqa: E402
 from slm.kernels import (  # noqa: E402
     attention_reference, attention_varlen_reference, compile_check, flash_attention, flash_attention_varlen, runtime)
-from slm.kernels.testing import GPU_TOLERANCES, difference, outputs_and_gradients  # noqa: E402
+from slm.kernels.testing import difference, outputs_and_gradients, tolerance  # noqa: E402
 
 TOKENS_PER_BATCH = 16 * 1024
+SEQ_LENS = (512, 1024, 2048)
 HEADS, HEAD_DIM = 16, 64  # OPT-350M: hidden 1024 = 16 heads x 64
-
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool) -> float:
@@ -65,8 +66,8 @@ def attention_flops(lengths: list[int], heads: int, head_dim: int, causal: bool)
 
 def compare(kernel_fn, reference_fn, inputs) -> dict:
     """{name: (max |kernel - fp32 reference|, within tolerance)} for the output and each gradient,
-    under one shared upstream gradient."""
-    atol, rtol = GPU_TOLERANCES[inputs[0].dtype]
+    under one shared upstream gradient; the tolerance is kernels/testing.py's for the inputs' device."""
+    atol, rtol = tolerance(inputs[0].device, inputs[0].dtype)
     pairs = outputs_and_gradients(kernel_fn, reference_fn, inputs)
     result = {}
     for name, (actual, expected) in pairs.items():
@@ -74,19 +75,18 @@ def compare(kernel_fn, reference_fn, inputs) -> dict:
     return result
 
 
-def check_correctness(device: str) -> list[dict]:
-    """Every dtype, head dims 64 / 80 / 128, causal or not, dense and packed; on CPU (the interpreter)
-    head dim 64 and short sequences only."""
-    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+def check_correctness(device: str, dtypes=DTYPES, head_dims=None, causals=(True, False)) -> list[dict]:
+    """One row per dtype x head dim x causal x layout (dense and packed); head dims by default 64 / 80 / 128,
+    on CPU (the interpreter) 64 only, where the sequences are short."""
     cpu = device == "cpu"
-    head_dims = [64] if cpu else [64, 80, 128]
+    head_dims = head_dims or ([64] if cpu else [64, 80, 128])
     seq_len = 37 if cpu else 300
     lengths = [5, 1, 70, 33] if cpu else [300, 1, 1000, 77, 513]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     results = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            for causal in (True, False):
+            for causal in causals:
                 torch.manual_seed(0)
                 dense = [torch.randn(2, 3, seq_len, head_dim, dtype=dtype, device=device) for _ in range(3)]
                 packed = [torch.randn(sum(lengths), 3, head_dim, dtype=dtype, device=device) for _ in range(3)]
@@ -150,7 +150,7 @@ def sdpa_backends() -> dict:
     return backends
 
 
-def bench_dense(dtype, device="cuda", tokens=TOKENS_PER_BATCH, seq_lens=(512, 1024, 2048), heads=HEADS,
+def bench_dense(dtype, device="cuda", tokens=TOKENS_PER_BATCH, seq_lens=SEQ_LENS, heads=HEADS,
                 bench=triton.testing.do_bench) -> list[dict]:
     rows = []
     for seq_len in seq_lens:
@@ -229,6 +229,25 @@ def print_table(rows: list[dict]) -> None:
               f"{row['fwd_bwd_tflops']:9.1f}")
 
 
+def run(device: str = "cuda", check_only: bool = False, tokens: int = TOKENS_PER_BATCH, seq_lens=SEQ_LENS,
+        heads: int = HEADS, check: dict | None = None, bench=triton.testing.do_bench, partial=None) -> dict:
+    """{"meta", "checks", "rows"}: check_correctness(device, **check) first; then, unless a check failed or
+    check_only, the bf16 timings of bench_dense and bench_varlen (padded and equal rows at seq_lens[-1])
+    at these sizes, timed by `bench`. partial(result) is called once the dense rows are in."""
+    device_name = "cpu (Triton interpreter)" if device == "cpu" else torch.cuda.get_device_name()
+    meta = dict(device=device_name, commit=provenance.git_commit(), torch=torch.__version__, triton=triton.__version__,
+                command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(f"device {meta['device']} | commit {meta['commit']} | torch {meta['torch']} | triton {meta['triton']}")
+    result = dict(meta=meta, checks=check_correctness(device, **(check or {})), rows=[])
+    if check_only or not all(row["ok"] for row in result["checks"]):
+        return result
+    result["rows"] = bench_dense(torch.bfloat16, device, tokens, seq_lens, heads, bench)
+    if partial:
+        partial(result)
+    result["rows"] += bench_varlen(torch.bfloat16, device, tokens, seq_lens[-1], heads, bench)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_attention.json", help="where to write the JSON results")
@@ -259,30 +278,18 @@ def main() -> None:
 
     if not cpu_check and not torch.cuda.is_available():
         sys.exit("bench/attention.py: timing needs a CUDA GPU; use --check-only on CPU")
-    device = "cpu" if cpu_check else "cuda"
-    device_name = "cpu (Triton interpreter)" if cpu_check else torch.cuda.get_device_name()
-    meta = dict(device=device_name, commit=provenance.git_commit(), torch=torch.__version__, triton=triton.__version__,
-                command=" ".join(sys.argv), time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    print(f"device {meta['device']} | commit {meta['commit']} | torch {meta['torch']} | triton {meta['triton']}")
-
-    checks = check_correctness(device)
-    result = dict(meta=meta, checks=checks, rows=[])
-    failed = [row for row in checks if not row["ok"]]
-    if failed or args.check_only:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        if failed:
-            sys.exit(f"bench/attention.py: {len(failed)} correctness checks failed; no timings taken")
-        print(f"all {len(checks)} checks passed; wrote {args.out}")
-        return
-
-    rows = bench_dense(torch.bfloat16) + bench_varlen(torch.bfloat16)
-    result["rows"] = rows
+    result = run("cpu" if cpu_check else "cuda", check_only=args.check_only)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+    failed = [row for row in result["checks"] if not row["ok"]]
+    if failed:
+        sys.exit(f"bench/attention.py: {len(failed)} correctness checks failed; no timings taken")
+    if args.check_only:
+        print(f"all {len(result['checks'])} checks passed; wrote {args.out}")
+        return
     print()
-    print_table(rows)
-    print(f"\n{meta['device']} | commit {meta['commit']} | wrote {args.out}")
+    print_table(result["rows"])
+    print(f"\n{result['meta']['device']} | commit {result['meta']['commit']} | wrote {args.out}")
 
 
 if __name__ == "__main__":

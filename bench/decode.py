@@ -21,7 +21,8 @@ Targets (H100): >= 3x generate() tokens/s at batch 32, <= 4 ms/token at batch 1.
 The stabletoolbench run evaluates the random model on every query file of ../shared with the real
 tokenizer; random weights never write </s>, so every episode ends after one step of --new-tokens
 tokens ("runaway"): the figure is one full decoding round over all queries, not a trained model's run.
-Prints a table last; --json FILE keeps every figure with the device, commit and versions.
+Prints a table last; --json FILE keeps every figure with the device, commit and versions. From Python:
+`run(config, device, dtype, ...)` returns that JSON's dict (bench/gpu_check.py calls it).
 """
 
 import argparse
@@ -93,7 +94,7 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, device: str) -> l
     return out[:, longest:].tolist()
 
 
-def stabletoolbench_wall_time(checkpoint: Path, args) -> dict:
+def stabletoolbench_wall_time(checkpoint: Path, device: str, dtype: str, kernels: dict, new_tokens: int) -> dict:
     import evaluate
 
     files = sorted(QUERY_FILES.glob("*.json"))
@@ -104,12 +105,69 @@ def stabletoolbench_wall_time(checkpoint: Path, args) -> dict:
     results = evaluate.main([
         "--model", str(checkpoint), "--tokenizer", str(SHARED / "opt"), "--suite", "stabletoolbench",
         "--data", *map(str, files), "--tools", str(SHARED / "toolbench/tools/toolenv2404"),
-        "--out", str(out), "--device", args.device, "--dtype", args.dtype,
-        "--kernels", ",".join(f"{op}={name}" for op, name in args.kernels.items()),
-        "--batch-size", "32", "--max-new-tokens", str(args.new_tokens)])
+        "--out", str(out), "--device", device, "--dtype", dtype,
+        "--kernels", ",".join(f"{op}={name}" for op, name in kernels.items()),
+        "--batch-size", "32", "--max-new-tokens", str(new_tokens)])
     return {"wall_s": time.perf_counter() - start, "queries": results["overall"]["queries"],
             "generate_s": results["timings"]["generate_s"], "new_tokens": results["timings"]["new_tokens"],
             "outcomes": results["overall"]["outcomes"], "out": str(out)}
+
+
+def batch_row(batch: int, new_tokens: int, times: dict, tokens_of: dict, warmup: dict) -> dict:
+    """One batch's figures from `timed`: per side the median seconds, tok/s and ms/token; the share of
+    ours' tokens equal to hf's; speedups over hf; with a compiled side its compile seconds and whether
+    its tokens are ours'."""
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    tokens = batch * new_tokens
+    equal = sum(a == b for x, y in zip(tokens_of["ours"], tokens_of["hf"]) for a, b in zip(x, y))
+    row = {"batch": batch, "equal_token_share": equal / tokens}
+    for name, s in seconds.items():
+        row.update({f"{name}_s": s, f"{name}_tok_s": tokens / s, f"{name}_ms_per_token": s / new_tokens * 1000,
+                    f"{name}_times_s": times[name]})
+    row["speedup"] = seconds["hf"] / seconds["ours"]
+    if "compiled" in seconds:
+        row.update(compiled_speedup=seconds["hf"] / seconds["compiled"], compile_s=warmup["compiled"],
+                   compiled_equal_to_ours=tokens_of["compiled"] == tokens_of["ours"])
+    return row
+
+
+def run(config, device: str = "cuda", dtype: str = "bfloat16", kernels: dict | None = None, batches=(1, 32),
+        prompt_len: int = 1024, new_tokens: int = 128, repeats: int = 3, compile: bool = False,
+        stabletoolbench: bool = False, partial=None) -> dict:
+    """Greedy decoding of one random checkpoint of `config` by slm ("ours", and "compiled" with compile=True)
+    and by transformers' generate() ("hf"), per batch size: {"runs": [one row a batch], "errors": [...]},
+    with the device, commit and versions. An error is a float32 run whose tokens differ (ours vs hf,
+    compiled vs ours). partial(result so far) is called after each batch."""
+    import transformers
+
+    torch_dtype = getattr(torch, dtype)
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        checkpoint = harness.random_checkpoint(config, Path(tmp))
+        ours = slm.load_model(checkpoint, dtype=torch_dtype, device=device, kernels=kernels)
+        hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=torch_dtype,
+                                                         attn_implementation="sdpa")
+        hf = hf.to(device).eval()
+        result = {"device": provenance.device_name(device), "commit": provenance.git_commit(),
+                  "torch": torch.__version__, "transformers": transformers.__version__, "dtype": dtype,
+                  "kernels": ours.kernels, "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": [],
+                  "errors": []}
+        for batch in batches:
+            prompts = make_prompts(batch, prompt_len, config.vocab_size, seed=batch)
+            fns = {"ours": lambda: generate(ours, prompts, new_tokens, eos_id=None),
+                   "hf": lambda: hf_generate(hf, prompts, new_tokens, device)}
+            if compile:
+                fns["compiled"] = lambda: generate(ours, prompts, new_tokens, eos_id=None, compile=True)
+            times, tokens_of, warmup = timed(fns, device, repeats)
+            result["runs"].append(batch_row(batch, new_tokens, times, tokens_of, warmup))
+            if dtype == "float32" and tokens_of["ours"] != tokens_of["hf"]:
+                result["errors"].append(f"batch {batch}: tokens differ from transformers' in float32")
+            if compile and dtype == "float32" and not result["runs"][-1]["compiled_equal_to_ours"]:
+                result["errors"].append(f"batch {batch}: compile=True's tokens differ from eager's in float32")
+            if partial:
+                partial(result)
+        if stabletoolbench:   # every op resolved, passed on to evaluate.py
+            result["stabletoolbench"] = stabletoolbench_wall_time(checkpoint, device, dtype, ours.kernels, new_tokens)
+    return result
 
 
 def main() -> None:
@@ -133,54 +191,18 @@ def main() -> None:
     args.new_tokens = args.new_tokens or (32 if args.small else 128)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench/decode.py: no CUDA device here; run with --small for the CPU comparison")
-    import transformers
 
-    dtype = getattr(torch, args.dtype)
     config = small_config() if args.small else slm.OPTConfig.preset("opt-350m")
-    checkpoint = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    model = slm.OPT(config)
-    model.init_weights(seed=0)
-    slm.save_model(model, checkpoint)
-    ours = slm.load_model(checkpoint, dtype=dtype, device=args.device, kernels=args.kernels)
-    args.kernels = ours.kernels     # every op, resolved: reported, and passed on to evaluate.py
-    hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
-    hf = hf.to(args.device).eval()
-
-    device_name, commit = provenance.device_name(args.device), provenance.git_commit()
-    report = {"device": device_name, "commit": commit, "torch": torch.__version__,
-              "transformers": transformers.__version__, "config": "small" if args.small else "opt-350m",
-              "dtype": args.dtype, "kernels": ours.kernels, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "runs": []}
-    for batch in args.batches:
-        prompts = make_prompts(batch, args.prompt_len, config.vocab_size, seed=batch)
-        fns = {"ours": lambda: generate(ours, prompts, args.new_tokens, eos_id=None),
-               "hf": lambda: hf_generate(hf, prompts, args.new_tokens, args.device)}
-        if args.compile:
-            fns["compiled"] = lambda: generate(ours, prompts, args.new_tokens, eos_id=None, compile=True)
-        times, tokens_of, warmup = timed(fns, args.device, args.repeats)
-        seconds = {name: statistics.median(t) for name, t in times.items()}
-        equal = sum(a == b for x, y in zip(tokens_of["ours"], tokens_of["hf"]) for a, b in zip(x, y))
-        if args.dtype == "float32" and tokens_of["ours"] != tokens_of["hf"]:
-            sys.exit(f"bench/decode.py: batch {batch}: tokens differ from transformers' in float32; not timing")
-        if args.compile and args.dtype == "float32" and tokens_of["compiled"] != tokens_of["ours"]:
-            sys.exit(f"bench/decode.py: batch {batch}: compile=True's tokens differ from eager's in float32")
-        tokens = batch * args.new_tokens
-        run = {"batch": batch, "equal_token_share": equal / tokens}
-        for name, s in seconds.items():
-            run.update({f"{name}_s": s, f"{name}_tok_s": tokens / s,
-                        f"{name}_ms_per_token": s / args.new_tokens * 1000, f"{name}_times_s": times[name]})
-        run["speedup"] = seconds["hf"] / seconds["ours"]
-        if args.compile:
-            run.update(compiled_speedup=seconds["hf"] / seconds["compiled"], compile_s=warmup["compiled"])
-        report["runs"].append(run)
-    if args.stabletoolbench:
-        report["stabletoolbench"] = stabletoolbench_wall_time(checkpoint, args)
-
+    report = run(config, args.device, args.dtype, args.kernels, args.batches, args.prompt_len, args.new_tokens,
+                 args.repeats, args.compile, args.stabletoolbench)
+    report["config"] = "small" if args.small else "opt-350m"
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ndecode, {report['config']} {args.dtype} on {device_name}, commit {commit}, prompts <= "
+    if report["errors"]:
+        sys.exit("bench/decode.py: " + "; ".join(report["errors"]))
+    print(f"\ndecode, {report['config']} {args.dtype} on {report['device']}, commit {report['commit']}, prompts <= "
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens, kernels "
-          + ",".join(f"{op}={name}" for op, name in ours.kernels.items()))
+          + ",".join(f"{op}={name}" for op, name in report["kernels"].items()))
     captured = f"  {'compiled tok/s':>14}  {'speedup':>7}  {'ms/tok':>7}  {'compile s':>9}" if args.compile else ""
     print(f"{'batch':>5}  {'slm tok/s':>10}  {'hf tok/s':>10}  {'speedup':>7}  {'slm ms/tok':>10}  "
           f"{'hf ms/tok':>9}  {'same tokens':>11}{captured}")

@@ -10,20 +10,24 @@ stopped early still leaves what it measured. Sections, each in its own Python pr
 hang in one cannot take the others down, and each one's peak memory is its own), each with a timeout,
 all within --budget seconds:
 
+Each section but gpu_tests and resume calls a bench script's `run` at this check's sizes; what gpu_check
+adds is the targets and the tables.
+
   gpu_tests   `pytest -m gpu` (the tests worth running on a device): pass/fail counts. Dry run: collection only.
   attention   bench/attention.py: the timed kernels checked first (bf16, D=64, causal, dense and packed, output
               and gradients vs the fp32 reference), then our Triton kernel vs SDPA's flash and cuDNN
               backends, fwd / bwd / fwd+bwd at OPT-350M shapes (H=16, D=64, causal, bf16, 16k tokens,
               T in 512, 1024, 2048), and packed rows of a realistic length mix vs dense at equal real tokens.
               FLOPs: 4*B*H*T^2*D halved when causal, bwd 2.5x, fwd+bwd 3.5x (attention.attention_flops).
-  train_step  bench/train_step.py's sides: one random opt-350m, 8 x 2048 packed rows, fp16 and bf16 autocast,
+  train_step  bench/train_step.py: one random opt-350m, 8 x 2048 packed rows, fp16 and bf16 autocast,
               ours (sdpa; triton attention; every triton kernel) vs transformers' OPTForCausalLM + SDPA as
               TRL's SFTTrainer runs it (padded rows, full logits): tokens/s, MFU, peak memory, after a loss check.
               MFU = FLOP/token x tokens/s / peak, FLOP/token = 6*N_mm + 12*L*d*T (slm.flops.flops_per_token),
               peak from slm.flops.PEAK_FLOPS by device name (slm.flops.peak_flops).
-  decode      bench/decode.py's pairs: greedy slm.generate vs transformers' generate() at batch 1 and 32
-              (ms/token, share of equal tokens), eager and captured (slm.generate(..., compile=True)).
-  memory      bench/memory.py --json's estimate next to torch.cuda.max_memory_allocated of the same step.
+  decode      bench/decode.py: greedy slm.generate vs transformers' generate() at batch 1 and 32
+              (ms/token, share of equal tokens), eager and captured (slm.generate(..., compile=True)), whose
+              tokens must be eager's.
+  memory      bench/memory.py's estimate next to torch.cuda.max_memory_allocated of the same step.
   resume      train.py, paper preset, random opt-350m on ToolBench-shaped synthetic shards: 60 steps,
               a second run SIGKILLed once its step-30 checkpoint exists and resumed: steps 31-60 must log
               the losses of the unkilled run (steps 1-30 of the two, before the kill, show determinism).
@@ -141,14 +145,6 @@ def toolbench_shards(directory: Path, examples: int, max_len: int, vocab_size: i
     return ShardDataset(directory)
 
 
-def random_checkpoint(directory: Path, config, tokenizer=None) -> Path:
-    import slm
-
-    model = slm.OPT(config)
-    model.init_weights(seed=0)
-    return slm.save_model(model, directory, tokenizer=tokenizer)
-
-
 def environment() -> dict:
     import torch
     import transformers
@@ -195,54 +191,23 @@ def host_do_bench(fn, grad_to_none=None, **_) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def check_timed_kernels(attention, device: str, dry: bool, heads: int) -> list[dict]:
-    """Correctness of what is timed (bf16, D=64, causal, dense and packed) against the fp32 reference,
-    forward and gradients, through bench/attention.py's `compare`. Its `check_correctness` covers every
-    dtype and head dim, which the gpu tests also do: compiling all of them would eat this section's time."""
-    import torch
-
-    from slm.kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
-
-    seq_len, lengths = (37, [5, 1, 70, 33]) if dry else (300, [300, 1, 1000, 77, 513])
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    torch.manual_seed(0)
-
-    def inputs(*shape):
-        return [torch.randn(*shape, dtype=torch.bfloat16, device=device) for _ in range(3)]
-
-    cases = {
-        "dense": (lambda q, k, v: flash_attention(q, k, v, causal=True),
-                  lambda q, k, v: attention_reference(q, k, v, causal=True),
-                  inputs(2, heads, seq_len, attention.HEAD_DIM)),
-        "varlen": (lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, max(lengths), causal=True),
-                   lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, max(lengths), causal=True),
-                   inputs(sum(lengths), heads, attention.HEAD_DIM)),
-    }
-    rows = []
-    for layout, (kernel, reference, tensors) in cases.items():
-        errors = attention.compare(kernel, reference, tensors)
-        rows.append(dict(layout=layout, dtype="bfloat16", head_dim=attention.HEAD_DIM, causal=True,
-                         ok=all(ok for _, ok in errors.values()), **{k: err for k, (err, _) in errors.items()}))
-        print(f"check {layout} bf16 D={attention.HEAD_DIM} causal: max err "
-              + " ".join(f"{k} {err:.2e}" for k, (err, _) in errors.items()) + (" ok" if rows[-1]["ok"] else " FAIL"))
-    return rows
-
-
 def section_attention(ctx: Context) -> dict:
+    """bench/attention.py's run: the timed kernels checked first (bf16, D=64, causal; its full check covers
+    every dtype and head dim, which the gpu tests also do: compiling all of them would eat this section's
+    time), then timed."""
     import torch
 
     attention = import_bench("attention")
     # The dry run times the same calls by the host clock, with 2 heads: the interpreter runs one program
     # per head at a time, and 16 would take minutes.
-    timing = dict(heads=2, bench=host_do_bench) if ctx.dry else dict(heads=attention.HEADS)
-    checks = check_timed_kernels(attention, ctx.device, ctx.dry, timing["heads"])
-    result = {"checks": checks}
-    if not all(row["ok"] for row in checks):
+    timing = dict(heads=2, bench=host_do_bench) if ctx.dry else {}
+    tokens, seq_lens = (128, (32, 64)) if ctx.dry else (attention.TOKENS_PER_BATCH, attention.SEQ_LENS)
+    result = attention.run(ctx.device, tokens=tokens, seq_lens=seq_lens, partial=ctx.save_partial,
+                           check=dict(dtypes=(torch.bfloat16,), head_dims=[attention.HEAD_DIM], causals=(True,)),
+                           **timing)
+    if not all(row["ok"] for row in result["checks"]):
         return {**result, "status": "failed", "error": "correctness checks failed: no timings taken"}
-    tokens, seq_lens = (128, (32, 64)) if ctx.dry else (attention.TOKENS_PER_BATCH, (512, 1024, 2048))
-    rows = attention.bench_dense(torch.bfloat16, ctx.device, tokens, seq_lens, **timing)
-    ctx.save_partial({**result, "rows": rows})
-    rows += attention.bench_varlen(torch.bfloat16, ctx.device, tokens, row_len=seq_lens[-1], **timing)
+    rows = result["rows"]
 
     def row(case, impl):
         return next((r for r in rows if r["case"] == case and r["impl"] == impl and "error" not in r), None)
@@ -261,7 +226,7 @@ def section_attention(ctx: Context) -> dict:
     if varlen and longest:
         targets.append(target("varlen fwd+bwd TFLOP/s / dense, equal tokens",
                               varlen["fwd_bwd_tflops"] / longest["fwd_bwd_tflops"], 0.9, "x"))
-    return {**result, "status": "passed", "rows": rows, "targets": targets}
+    return {**result, "status": "passed", "targets": targets}
 
 
 def target(name: str, value: float, goal: float, unit: str, higher_is_better: bool = True) -> dict:
@@ -271,153 +236,70 @@ def target(name: str, value: float, goal: float, unit: str, higher_is_better: bo
 
 
 def section_train_step(ctx: Context) -> dict:
-    import types
-
-    import slm
-    import torch
-    import transformers
-
-    from slm import flops
-
+    """bench/train_step.py's run in fp16 and in bf16 (the dry run: bf16 only, our sdpa side alone, since
+    interpreted Triton sides would take minutes; the attention section runs them)."""
     train_step = import_bench("train_step")
-    dry = ctx.dry
-    args = types.SimpleNamespace(seq_len=128 if dry else 2048, batch_size=2 if dry else 8,
-                                 examples=6 if dry else 64)
-    passes, warmup = (1, 1) if dry else (2, 2)
+    seq_len, batch_size, examples = (128, 2, 6) if ctx.dry else (2048, 8, 64)
     config = ctx.opt_config()
-    dataset = toolbench_shards(ctx.workdir / "shards", args.examples, args.seq_len, config.vocab_size, "synthetic")
-    packed, padded, _ = train_step.batches(dataset, args)
-    checkpoint = random_checkpoint(ctx.workdir / "model", config)
-    weights = slm.load_model(checkpoint).state_dict()
-    device = torch.device(ctx.device)
-    device_name = environment()["device"]
-    peak = flops.peak_flops(device)   # None off CUDA
-
-    variants = {"slm sdpa": dict(attn="sdpa"), "slm triton attention": dict(attn="triton"),
-                "slm all triton kernels": dict(kernels=ALL_TRITON)}
-    if dry:   # interpreted Triton kernels would take minutes here; the attention section runs them
+    dataset = toolbench_shards(ctx.workdir / "shards", examples, seq_len, config.vocab_size, "synthetic")
+    variants = {"slm sdpa": {"attention": "sdpa"}, "slm triton attention": {"attention": "triton"},
+                "slm all triton kernels": ALL_TRITON}
+    if ctx.dry:
         variants = {"slm sdpa": variants["slm sdpa"]}
-    result = {"status": "passed", "device": device_name, "model": "opt-350m (random)" if not dry else "tiny OPT",
-              "seq_len": args.seq_len, "batch_size": args.batch_size, "examples": len(dataset),
-              "packed_micro_batches": len(packed), "padded_micro_batches": len(padded), "peak_tflops":
-              peak and peak / 1e12, "by_dtype": {}}
-    for dtype_name in ("bf16",) if dry else ("fp16", "bf16"):   # the same loop; one pass of it on CPU
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-        peer = transformers.OPTForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa",
-                                                           torch_dtype=torch.float32)
-        sides = []
-        for name, kwargs in variants.items():
-            model = slm.OPT(config, **kwargs)
-            model.load_state_dict(weights)
-            sides.append(train_step.Side(name, model, train_step.ours_loss, packed, device, dtype))
-        sides.append(train_step.Side("transformers sdpa, padded", peer, train_step.peer_loss, padded, device, dtype))
-        flop_per_token = flops.flops_per_token(sides[0].model, args.seq_len)
-
-        # Correctness first: the loss per trained token of each side over the same examples, dropout off.
-        losses = {}
-        for side in sides:
-            side.model.to(device).eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-                sums = [side.loss_fn(side.model, b, device) for b in side.data]
-            losses[side.name] = sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
-            side.model.cpu()
-        reference = losses["transformers sdpa, padded"]
-        agree = all(abs(v - reference) <= 2e-2 * abs(reference) for v in losses.values())
-        rows = []
-        for side in sides:   # one model on the device at a time: each side's peak memory is its own
-            train_step.free(device)
-            side.start(warmup)
-            if ctx.cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(passes):
-                side.timed_pass()
-            memory = torch.cuda.max_memory_allocated(device) / 2**30 if ctx.cuda else None
-            rows.append(side.result(flop_per_token, peak, memory))
-            side.optimizer = None
-            side.model.cpu()
-        for row in rows:
-            row["vs_transformers"] = row["tok_s"] / rows[-1]["tok_s"]
-        entry = {"loss_per_trained_token": losses, "losses_agree": agree, "rows": rows, "targets": []}
+    result = {"status": "passed", "model": "tiny OPT" if ctx.dry else "opt-350m (random)", "by_dtype": {}}
+    for dtype in ("bf16",) if ctx.dry else ("fp16", "bf16"):
+        entry = train_step.run(config, dataset, variants, dtype, seq_len, batch_size, examples,
+                               passes=1 if ctx.dry else 2, warmup=1 if ctx.dry else 2, device=ctx.device)
+        entry["targets"] = []
+        result["by_dtype"][dtype] = entry
+        if not entry["losses_agree"]:
+            result.update(status="failed", error=f"{dtype}: the sides' losses disagree (> {entry['loss_tolerance']:.0%} "
+                                                 f"apart): {entry['loss_per_trained_token']}; no timings taken")
+            ctx.save_partial(result)
+            continue
+        rows = entry["rows"]
         best = max(rows[:-1], key=lambda r: r["tok_s"])
-        entry["targets"].append(target(f"{dtype_name} step tokens/s vs transformers ({best['name']})",
+        entry["targets"].append(target(f"{dtype} step tokens/s vs transformers ({best['name']})",
                                        best["vs_transformers"], 1.5, "x"))
         if "mfu" in best:
-            entry["targets"].append(target(f"{dtype_name} MFU ({best['name']})", 100 * best["mfu"], 40, "%"))
+            entry["targets"].append(target(f"{dtype} MFU ({best['name']})", 100 * best["mfu"], 40, "%"))
         if best["peak_mem_gib"] is not None:
-            entry["targets"].append(target(f"{dtype_name} peak memory / transformers' ({best['name']})",
+            entry["targets"].append(target(f"{dtype} peak memory / transformers' ({best['name']})",
                                            best["peak_mem_gib"] / rows[-1]["peak_mem_gib"], 1.0, "x", False))
-        result["by_dtype"][dtype_name] = entry
-        if not agree:
-            result["status"] = "failed"
-            result["error"] = f"{dtype_name}: the sides' losses disagree (> 2% apart): {losses}"
         ctx.save_partial(result)
     return result
 
 
 def section_decode(ctx: Context) -> dict:
-    import statistics
-
-    import slm
-    import torch
-    import transformers
-
+    """bench/decode.py's run: greedy slm.generate, eager and captured, against transformers' generate()."""
     decode = import_bench("decode")
-    dtype = torch.float32 if ctx.dry else torch.bfloat16
-    batches, prompt_len, new_tokens, repeats = ([1, 4], 16, 8, 1) if ctx.dry else ([1, 32], 512, 128, 3)
-    config = ctx.opt_config()
-    checkpoint = random_checkpoint(ctx.workdir / "model", config)
-    ours = slm.load_model(checkpoint, dtype=dtype, device=ctx.device)
-    hf = transformers.OPTForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype, attn_implementation="sdpa")
-    hf = hf.to(ctx.device).eval()
-    result = {"status": "passed", "dtype": str(dtype).removeprefix("torch."), "prompt_len": prompt_len,
-              "new_tokens": new_tokens, "rows": [], "targets": []}
-
-    def eager():
-        return slm.generate(ours, prompts, new_tokens, eos_id=None)
-
-    for batch in batches:
-        prompts = decode.make_prompts(batch, prompt_len, config.vocab_size, seed=batch)
-        sides = {"eager": eager, "hf": lambda: decode.hf_generate(hf, prompts, new_tokens, ctx.device),
-                 "captured": lambda: slm.generate(ours, prompts, new_tokens, eos_id=None, compile=True)}
-        times, tokens_of, _ = decode.timed(sides, ctx.device, repeats)   # interleaved, after one warm-up each
-        ours_s, hf_s, ours_tokens, hf_tokens = times["eager"], times["hf"], tokens_of["eager"], tokens_of["hf"]
-        tokens = batch * new_tokens
-        equal = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y)) / tokens
-        row = {"batch": batch, "hf_ms_per_token": 1e3 * statistics.median(hf_s) / new_tokens,
-               "eager_ms_per_token": 1e3 * statistics.median(ours_s) / new_tokens,
-               "eager_equal_to_hf": equal}
-        row["captured_ms_per_token"] = 1e3 * statistics.median(times["captured"]) / new_tokens
-        row["captured_equal_to_eager"] = tokens_of["captured"] == ours_tokens
-        if not row["captured_equal_to_eager"]:
-            result["status"] = "failed"
-            result["error"] = f"batch {batch}: captured decoding's tokens differ from eager decoding's"
-        row["best_ms_per_token"] = min(row["eager_ms_per_token"], row["captured_ms_per_token"])
-        row["speedup_vs_hf"] = row["hf_ms_per_token"] / row["best_ms_per_token"]
-        if dtype == torch.float32 and equal < 1:
-            result["status"] = "failed"
-            result["error"] = f"batch {batch}: float32 tokens differ from transformers' ({equal:.1%} equal)"
-        result["rows"].append(row)
-        ctx.save_partial(result)
-    last, first = result["rows"][-1], result["rows"][0]
+    sizes = dict(dtype="float32", batches=[1, 4], prompt_len=16, new_tokens=8, repeats=1) if ctx.dry else \
+        dict(dtype="bfloat16", batches=[1, 32], prompt_len=512, new_tokens=128, repeats=3)
+    result = decode.run(ctx.opt_config(), ctx.device, compile=True, partial=ctx.save_partial, **sizes)
+    # Captured decoding must give eager's tokens in every dtype here (bench/decode.py asks it in float32 only).
+    errors = result["errors"] + [f"batch {r['batch']}: captured decoding's tokens differ from eager decoding's"
+                                 for r in result["runs"] if not r["compiled_equal_to_ours"]]
+    for r in result["runs"]:
+        r["best_ms_per_token"] = min(r["ours_ms_per_token"], r["compiled_ms_per_token"])
+        r["speedup_vs_hf"] = r["hf_ms_per_token"] / r["best_ms_per_token"]
+    last, first = result["runs"][-1], result["runs"][0]
     result["targets"] = [
         target(f"decode tokens/s vs generate(), batch {last['batch']}", last["speedup_vs_hf"], 3, "x"),
         target(f"decode ms/token, batch {first['batch']}", first["best_ms_per_token"], 4, "ms", higher_is_better=False)]
-    return result
+    return {**result, "status": "failed", "error": "; ".join(errors)} if errors else {**result, "status": "passed"}
 
 
 def section_memory(ctx: Context) -> dict:
     """The paper recipe's step measured (our default model, 8 x 2048 packed rows, fp16 autocast, fp32 AdamW;
     two steps, so that AdamW's state exists) next to bench/memory.py's estimate of it."""
-    import types
-
     import slm
     import torch
 
-    train_step = import_bench("train_step")
-    args = types.SimpleNamespace(seq_len=128 if ctx.dry else 2048, batch_size=2 if ctx.dry else 8, examples=64)
+    train_step, memory = import_bench("train_step"), import_bench("memory")
+    seq_len, batch_size = (128, 2) if ctx.dry else (2048, 8)
     config = ctx.opt_config()
-    dataset = toolbench_shards(ctx.workdir / "shards", args.examples, args.seq_len, config.vocab_size, "synthetic")
-    packed, _, _ = train_step.batches(dataset, args)
+    dataset = toolbench_shards(ctx.workdir / "shards", 64, seq_len, config.vocab_size, "synthetic")
+    packed, _, _ = train_step.batches(dataset, seq_len, batch_size, 64)
     model = slm.OPT(config)
     model.init_weights(seed=0)
     device = torch.device(ctx.device)
@@ -432,20 +314,11 @@ def section_memory(ctx: Context) -> dict:
         result["measured_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         result["measured"] = "not measured: no CUDA device (torch.cuda.max_memory_allocated)"
-
-    script = REPO / "bench" / "memory.py"
-    out = ctx.workdir / "memory.json"
-    proc = subprocess.run([sys.executable, str(script), "--json", str(out)], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {**result, "status": "failed", "error": f"bench/memory.py --json {out} exited {proc.returncode}",
-                "output_tail": (proc.stdout + proc.stderr)[-4000:]}
-    result["estimate"] = estimate = json.loads(out.read_text())
-    total = next((estimate[k] for k in ("total_gib", "peak_gib", "total") if isinstance(estimate.get(k), (int, float))),
-                 None)
-    if total is not None:
-        result["estimate_gib"] = total
-        if "measured_gib" in result:
-            result["measured_over_estimate"] = result["measured_gib"] / total
+    del side, model
+    result["estimate"] = estimate = memory.run(memory.parse_args([]))   # its defaults: the paper recipe
+    result["estimate_gib"] = estimate["peak_gib"]
+    if "measured_gib" in result:
+        result["measured_over_estimate"] = result["measured_gib"] / estimate["peak_gib"]
     return result
 
 
@@ -460,7 +333,7 @@ def section_resume(ctx: Context) -> dict:
     tok = slm.train_tokenizer(texts, 300, ctx.workdir / "tokenizer")
     vocab = -(-tok.vocab_size // 8) * 8
     config = ctx.opt_config(vocab_size=vocab) if ctx.dry else ctx.opt_config()
-    checkpoint = random_checkpoint(ctx.workdir / "model", config, tokenizer=tok)
+    checkpoint = harness.random_checkpoint(config, ctx.workdir / "model", tokenizer=tok)
     data = ctx.workdir / "shards"
     toolbench_shards(data, 60 if ctx.dry else 400, max_len, tok.vocab_size, tok.fingerprint)
     base = [sys.executable, str(REPO / "train.py"), "--preset", "paper", "--model", str(checkpoint),
@@ -626,12 +499,12 @@ def summary_markdown(report: dict) -> str:
         lines += [f"| {r['name']} | {r['tok_s']:,.0f} | {r['ms_per_step']:.1f} | "
                   f"{fmt(r.get('mfu') and 100 * r['mfu'], '.1f')} | {fmt(r['peak_mem_gib'])} | "
                   f"{r['vs_transformers']:.2f}x |" for r in entry["rows"]]
-    if sections.get("decode", {}).get("rows"):
+    if sections.get("decode", {}).get("runs"):
         lines += ["", "| decode batch | generate() ms/tok | eager ms/tok | captured ms/tok | speedup | equal tokens |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['hf_ms_per_token']:.2f} | {r['eager_ms_per_token']:.2f} | "
-                  f"{fmt(r.get('captured_ms_per_token'))} | {r['speedup_vs_hf']:.2f}x | {r['eager_equal_to_hf']:.1%} |"
-                  for r in sections["decode"]["rows"]]
+        lines += [f"| {r['batch']} | {r['hf_ms_per_token']:.2f} | {r['ours_ms_per_token']:.2f} | "
+                  f"{fmt(r.get('compiled_ms_per_token'))} | {fmt(r.get('speedup_vs_hf'))}x | "
+                  f"{r['equal_token_share']:.1%} |" for r in sections["decode"]["runs"]]
     memory = sections.get("memory", {})
     if "estimate" in memory or "measured_gib" in memory:
         lines += ["", f"memory: estimate {fmt(memory.get('estimate_gib'))} GiB, measured "

@@ -5,7 +5,7 @@
 Writes a random checkpoint shaped like facebook/opt-350m's hub file (fp16, `decoder.*` keys, no
 lm_head) unless one exists, then loads it in a fresh process and prints wall time and peak RSS. The
 floor for comparison is the size of the weights in the requested dtype: meta-device construction
-means the model is never materialised twice.
+means the model is never materialised twice. From Python: `run(directory, dtype)` returns the figures.
 """
 
 import argparse
@@ -35,14 +35,27 @@ def write_checkpoint(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict()))
 
 
-def measure(directory: str, dtype: str) -> None:
+def measure(directory: str, dtype: str) -> dict:
+    """Loads the checkpoint in this process: seconds, this process's peak RSS, the weights' bytes."""
     start = time.perf_counter()
     model = slm.load_model(directory, dtype=getattr(torch, dtype))
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"load_s": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2),
-                      "weights_gb": round(weights / 1e9, 2), "params": model.num_parameters(), "dtype": dtype}))
+    return {"load_s": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2), "weights_gb": round(weights / 1e9, 2),
+            "params": model.num_parameters(), "dtype": dtype}
+
+
+def run(directory: str = "/tmp/opt350m-random", dtype: str = "float32") -> dict:
+    """`measure` in a fresh process (after writing the checkpoint if `directory` has none), with
+    "import_peak_rss_gb": the peak RSS of a process that only imports torch and slm."""
+    if not (Path(directory) / "model.safetensors").is_file():
+        write_checkpoint(Path(directory))
+    baseline = subprocess.run([sys.executable, "-c", "import resource, torch, slm; print(resource.getrusage("
+                               "resource.RUSAGE_SELF).ru_maxrss * 1024)"], capture_output=True, text=True, check=True)
+    child = subprocess.run([sys.executable, __file__, "--child", "--dir", directory, "--dtype", dtype],
+                           capture_output=True, text=True, check=True)
+    return {**json.loads(child.stdout.splitlines()[-1]), "import_peak_rss_gb": round(int(baseline.stdout) / 1e9, 2)}
 
 
 if __name__ == "__main__":
@@ -52,11 +65,8 @@ if __name__ == "__main__":
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        measure(args.dir, args.dtype)
+        print(json.dumps(measure(args.dir, args.dtype)))
     else:
-        if not (Path(args.dir) / "model.safetensors").is_file():
-            write_checkpoint(Path(args.dir))
-        baseline = subprocess.run([sys.executable, "-c", "import resource, torch, slm; print(resource.getrusage("
-                                   "resource.RUSAGE_SELF).ru_maxrss * 1024)"], capture_output=True, text=True)
-        print(f"interpreter + torch + slm imported: peak RSS {int(baseline.stdout) / 1e9:.2f} GB")
-        subprocess.run([sys.executable, __file__, "--child", "--dir", args.dir, "--dtype", args.dtype], check=True)
+        result = run(args.dir, args.dtype)
+        print(f"interpreter + torch + slm imported: peak RSS {result.pop('import_peak_rss_gb'):.2f} GB")
+        print(json.dumps(result))

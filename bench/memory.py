@@ -30,13 +30,12 @@ attention (which saves T x T scores), so per-layer and loss bytes are scaled by 
 the loss is measured on 64 and 128 tokens and extrapolated along that line (the fused kernel keeps a
 fixed (V, E) weight gradient). On CUDA the script also runs the real step (two, so AdamW's state
 exists) and prints torch.cuda.max_memory_allocated beside the estimate. The CUDA context and the
-allocator's fragmentation are not included.
+allocator's fragmentation are not included. From Python: `run(parse_args([...]))` returns what --json writes.
 """
 
 import argparse
 import json
 import math
-import os
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -50,7 +49,7 @@ from bench import harness  # noqa: E402
 harness.interpret_without_gpu()
 
 import slm  # noqa: E402
-from slm.kernels import interpreter_fix  # noqa: E402
+from slm import kernels  # noqa: E402
 
 GIB = 2**30
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -62,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="opt-350m", help="an OPTConfig preset (default opt-350m)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
-    p.add_argument("--kernels", default="", help="op=name,... from kernels.available(), e.g. attention=triton")
+    kernels.add_arguments(p, "the model's defaults (attention sdpa, the rest torch)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--lm", action="store_true", help="LM warm-up: the loss covers every token")
     p.add_argument("--trained-fraction", type=float, default=0.1,
@@ -75,20 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--table", action="store_true", help="every attention x checkpointing x loss combination")
     p.add_argument("--json", type=Path, help="write the budget (with a top-level peak_gib) here")
     args = p.parse_args(argv)
-    args.kernels = parse_kernels(args.kernels)
+    args.kernels = args.kernels or {}
     if args.measure_len is None:
         args.measure_len = args.seq_len if args.device == "cuda" else min(256, args.seq_len)
     return args
-
-
-def parse_kernels(text: str) -> dict[str, str]:
-    kernels = {}
-    for item in filter(None, text.split(",")):
-        op, sep, name = item.partition("=")
-        if not sep:
-            raise SystemExit(f"bench/memory.py: --kernels item {item!r}: expected op=name, e.g. attention=triton")
-        kernels[op.strip()] = name.strip()
-    return kernels
 
 
 # ---------------------------------------------------------------------------------- saved tensors
@@ -274,37 +263,41 @@ def report(result: dict, measured_peak: float | None, gpu_gib: float) -> None:
           f"largest batch in {gpu_gib:g} GiB: {result['largest_batch']}")
 
 
-def table(args) -> list[dict]:
-    """The paper recipe's combinations: attention sdpa/triton x checkpointing x (turns, LM with full logits,
-    LM with the fused loss)."""
+COMBINATIONS = [(attention, checkpointing, lm, loss) for attention in ("sdpa", "triton") for checkpointing in (False, True)
+                for lm, loss in ((False, "torch"), (True, "torch"), (True, "triton"))]
+
+
+def run(args) -> dict:
+    """The budget of `parse_args`'s recipe, with "cuda_peak_gib" (the real step's peak on CUDA, else None);
+    with args.table {"rows": the budget of every combination in COMBINATIONS, "peak_gib": the largest}."""
+    if not args.table:
+        result = budget(args, args.activation_checkpointing)
+        result["cuda_peak_gib"] = cuda_peak_gib(args, args.activation_checkpointing) if args.device == "cuda" else None
+        return result
     rows = []
-    for attention in ("sdpa", "triton"):
-        for checkpointing in (False, True):
-            for lm, loss in ((False, "torch"), (True, "torch"), (True, "triton")):
-                args.kernels, args.lm = {"attention": attention, "linear_cross_entropy": loss}, lm
-                rows.append(budget(args, checkpointing))
+    for attention, checkpointing, lm, loss in COMBINATIONS:   # the paper recipe's attention x checkpointing x loss
+        args.kernels, args.lm = {"attention": attention, "linear_cross_entropy": loss}, lm
+        rows.append(budget(args, checkpointing))
+    return {"rows": rows, "peak_gib": max(r["peak_gib"] for r in rows)}
+
+
+def print_table(rows: list[dict], gpu_gib: float) -> None:
     print(f"\n| attention | checkpointing | loss | peak GiB | activations / layer / row | largest batch in "
-          f"{args.gpu_gib:g} GiB |\n|---|---|---|---|---|---|")
+          f"{gpu_gib:g} GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         loss = ("LM, fused linear-CE" if r["kernels"]["linear_cross_entropy"] != "torch" else "LM, full fp32 logits") \
             if r["lm"] else "trained turns"
         print(f"| {r['kernels']['attention']} | {'on' if r['activation_checkpointing'] else 'off'} | {loss} | "
               f"{r['peak_gib']:.1f} | {r['activations_per_layer_per_row_mib']:.1f} MiB | {r['largest_batch']} |")
-    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        interpreter_fix.apply()   # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
+    result = run(args)
     if args.table:
-        rows = table(args)
-        result = {"rows": rows, "peak_gib": max(r["peak_gib"] for r in rows)}
+        print_table(result["rows"], args.gpu_gib)
     else:
-        result = budget(args, args.activation_checkpointing)
-        measured = cuda_peak_gib(args, args.activation_checkpointing) if args.device == "cuda" else None
-        result["cuda_peak_gib"] = measured
-        report(result, measured, args.gpu_gib)
+        report(result, result["cuda_peak_gib"], args.gpu_gib)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -7,9 +7,10 @@
 
 Rows: the implementation (--impl, any name in kernels.available(), a user's included once registered),
 the op's reference (kernels.REFERENCE) and the peer a model without our kernels runs (PEERS in
-tests/test_kernel_conformance.py: torch SDPA; F.layer_norm after the add; F.cross_entropy on
-materialised fp32 logits). The inputs come from the conformance suite's case builders at the sizes given
-here, and the implementation must first pass that suite (`conformance_failures`), on CUDA when present.
+kernels/testing.py: torch SDPA; F.layer_norm after the add; F.cross_entropy on materialised fp32
+logits). The inputs come from the conformance suite's case builders (kernels/testing.py) at the sizes
+given here, and the implementation must first pass that suite (`conformance_failures`), on CUDA when
+present. From Python: `run(parse_args([...]))` returns {"shapes", "rows"}, what --json writes.
 
 Each row: forward and forward+backward time (median; triton.testing.do_bench on CUDA, wall clock on
 CPU), throughput, and memory. Throughput formulas, in `work()`:
@@ -26,7 +27,6 @@ every figure and written with them to --json.
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,8 +41,7 @@ harness.interpret_without_gpu()
 
 from slm import kernels  # noqa: E402
 from slm import provenance  # noqa: E402
-from slm.kernels import interpreter_fix  # noqa: E402
-from tests.test_kernel_conformance import (  # noqa: E402
+from slm.kernels.testing import (  # noqa: E402
     PEERS, attention_case, conformance_failures, layer_norm_case, linear_cross_entropy_case)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -152,16 +151,9 @@ def measure(fn, args, kwargs, device: str, reps: int) -> dict:
     return result
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        interpreter_fix.apply()   # triton 3.6's interpreter vs numpy >= 2.4, see kernels/interpreter_fix.py
-    if not args.skip_check:
-        failures = conformance_failures(args.op, args.impl)
-        if failures:
-            sys.exit(f"bench/op.py: {args.op}={args.impl} fails the conformance suite:\n" + "\n".join(failures))
-        print(f"{args.op}={args.impl}: passes the conformance suite")
-
+def run(args) -> dict:
+    """{"shapes": the sizes, "rows": one per implementation} for `parse_args`'s namespace; no conformance
+    check (main runs it first)."""
     dtype = DTYPES[args.dtype]
     call_args, call_kwargs = make_case(args).build(dtype, torch.Generator().manual_seed(0), args.device)
     fwd_work, fwd_bwd_work, unit = work(args, dtype.itemsize)
@@ -179,19 +171,31 @@ def main(argv=None) -> list[dict]:
         rows.append({"op": args.op, "impl": name, "dtype": args.dtype, "device": device, "commit": commit,
                      "unit": unit, "fwd": fwd_work / figures["fwd_ms"] / 1e-3 / scale,
                      "fwd_bwd": fwd_bwd_work / figures["fwd_bwd_ms"] / 1e-3 / scale, **figures})
-
     shapes = {k: getattr(args, k) for k in ("batch", "heads", "seq_len", "head_dim")} if args.op == "attention" \
         else {"tokens": args.tokens, "width": args.width, **({"vocab": args.vocab} if args.op != "layer_norm" else {})}
-    print(f"\n{args.op}, {args.dtype}, {shapes}" + ("  (CPU: Triton runs in its interpreter)" * (args.device == "cpu")))
+    return {"shapes": shapes, "rows": rows}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.skip_check:
+        failures = conformance_failures(args.op, args.impl)
+        if failures:
+            sys.exit(f"bench/op.py: {args.op}={args.impl} fails the conformance suite:\n" + "\n".join(failures))
+        print(f"{args.op}={args.impl}: passes the conformance suite")
+    result = run(args)
+    unit = result["rows"][0]["unit"]
+    print(f"\n{args.op}, {args.dtype}, {result['shapes']}"
+          + ("  (CPU: Triton runs in its interpreter)" * (args.device == "cpu")))
     print(f"{'implementation':<36} {'fwd ms':>9} {'fwd+bwd ms':>11} {unit + ' f/fb':>20} {'saved MiB':>10} "
           f"{'peak MiB':>12}  device | commit")
-    for r in rows:
+    for r in result["rows"]:
         peak = f"{r['peak_mib']:.1f}" if r["peak_mib"] is not None else "not measured"
         print(f"{r['impl']:<36} {r['fwd_ms']:9.3f} {r['fwd_bwd_ms']:11.3f} {r['fwd']:9.3g} /{r['fwd_bwd']:9.3g} "
               f"{r['saved_mib']:10.3f} {peak:>12}  {r['device']} | {r['commit']}")
     if args.json:
-        args.json.write_text(json.dumps({"shapes": shapes, "rows": rows}, indent=2))
-    return rows
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

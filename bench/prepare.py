@@ -7,7 +7,8 @@ It builds a JSON array of at least `--mb` MB from the 30 real rows in ../shared/
 cache that real data would miss), writes it under --tmp (never into the repository), then runs
 `data/prepare.py` on it in a child process pinned to `--cores` CPU cores and reports the child's wall
 time and peak RSS. The full release (toolllama_G123_dfs_train.json, 187,542 rows) is not available
-here: its time is *projected* from the measured rows/s.
+here: its time is *projected* from the measured rows/s. From Python: `run(mb, cores, tmp, no_collapse_too)`
+returns the figures as a dict.
 """
 
 import argparse
@@ -70,6 +71,23 @@ def run_prepare(array: Path, out: Path, cores: int, collapse: bool) -> dict:
             "stats": stats}
 
 
+def run(mb: int = 500, cores: int = 2, tmp: str = "/tmp/slm_bench_prepare", no_collapse_too: bool = False) -> dict:
+    """Builds the array and runs data/prepare.py on it: {"input", "input_mb", "rows", "cpu", "cores", "commit",
+    "modes": {"collapse": run_prepare's figures, and "no-collapse" with no_collapse_too}, "load_average"}."""
+    if not SFT.is_file():
+        raise FileNotFoundError(f"{SFT} not found: the benchmark builds its input from the real rows there")
+    scratch = Path(tmp)
+    scratch.mkdir(parents=True, exist_ok=True)
+    array = scratch / "toolllama_bench.json"
+    rows = build_array(array, mb)
+    modes = {"collapse": True, "no-collapse": False} if no_collapse_too else {"collapse": True}
+    return {"input": str(array), "input_mb": array.stat().st_size / 1e6, "rows": rows,
+            "cpu": platform.processor() or platform.machine(), "cores": cores, "commit": provenance.git_commit(),
+            "modes": {mode: run_prepare(array, scratch / f"out_{'collapse' if collapse else 'rows'}", cores, collapse)
+                      for mode, collapse in modes.items()},
+            "load_average": os.getloadavg()[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=500, help="size of the generated array in MB (>= 500 for the report)")
@@ -78,29 +96,23 @@ def main() -> None:
     parser.add_argument("--no-collapse-too", action="store_true",
                         help="also run with --no-collapse, to measure the token saving of collapsing")
     args = parser.parse_args()
-    if not SFT.is_file():
-        raise SystemExit(f"{SFT} not found: the benchmark builds its input from the real rows there")
-    tmp = Path(args.tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    array = tmp / "toolllama_bench.json"
-    rows = build_array(array, args.mb)
-    size_mb = array.stat().st_size / 1e6
-    commit = provenance.git_commit()
-    print(f"input: {array} ({size_mb:,.0f} MB, {rows:,} rows) | cpu: {platform.processor() or platform.machine()}, "
-          f"{args.cores} cores | commit {commit}")
-    modes = [True, False] if args.no_collapse_too else [True]
-    results = {collapse: run_prepare(array, tmp / f"out_{'collapse' if collapse else 'rows'}", args.cores, collapse)
-               for collapse in modes}
+    try:
+        result = run(args.mb, args.cores, args.tmp, args.no_collapse_too)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    size_mb, modes = result["input_mb"], result["modes"]
+    print(f"input: {result['input']} ({size_mb:,.0f} MB, {result['rows']:,} rows) | cpu: {result['cpu']}, "
+          f"{args.cores} cores | commit {result['commit']}")
     print("\n| mode | wall s | CPU s | rows/s | tokens/s | MB/s | peak RSS | examples | tokens | fitted "
           "| dropped turns |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for collapse, r in results.items():
+    for mode, r in modes.items():
         s = r["stats"]
-        print(f"| {'collapse' if collapse else 'no-collapse'} | {r['wall_s']:,.0f} | {r['cpu_s']:,.0f} | "
+        print(f"| {mode} | {r['wall_s']:,.0f} | {r['cpu_s']:,.0f} | "
               f"{s['rows_read'] / r['wall_s']:,.0f} | "
               f"{s['tokens'] / r['wall_s']:,.0f} | {size_mb / r['wall_s']:,.1f} | {r['peak_rss_mb']:,.0f} MB | "
               f"{s['examples']:,} | {s['tokens']:,} | {s['examples_fitted']:,} | {s['turns_dropped_too_long']:,} |")
-    r = results[True]
+    r = modes["collapse"]
     rate = r["stats"]["rows_read"] / r["wall_s"]
     cpu_rate = r["stats"]["rows_read"] / r["cpu_s"]
     print(f"\nprojected from measured rows/s (not measured): the full {FULL_ROWS:,}-row file would take "
@@ -108,13 +120,13 @@ def main() -> None:
           f"({FULL_ROWS / cpu_rate / 60:,.1f} CPU-minutes at {cpu_rate:,.0f} rows per CPU-second; target <= 30 min). "
           f"The reader holds about one element, so peak RSS should stay near the {r['peak_rss_mb']:,.0f} MB "
           f"measured here (target <= 2 GB)")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} (other processes share these cores: wall "
+    print(f"load average during the run: {result['load_average']:.1f} (other processes share these cores: wall "
           "times are pessimistic, CPU seconds are not)")
-    if False in results:
-        saved = 1 - results[True]["stats"]["tokens"] / results[False]["stats"]["tokens"]
-        print(f"collapsing: {results[False]['stats']['tokens']:,} -> {results[True]['stats']['tokens']:,} tokens "
-              f"({saved:.1%} fewer), same trained turns: {results[True]['stats']['trained_turns']:,} vs "
-              f"{results[False]['stats']['trained_turns']:,}")
+    if "no-collapse" in modes:
+        collapsed, rows = modes["collapse"]["stats"], modes["no-collapse"]["stats"]
+        print(f"collapsing: {rows['tokens']:,} -> {collapsed['tokens']:,} tokens "
+              f"({1 - collapsed['tokens'] / rows['tokens']:.1%} fewer), same trained turns: "
+              f"{collapsed['trained_turns']:,} vs {rows['trained_turns']:,}")
 
 
 if __name__ == "__main__":

@@ -23,16 +23,11 @@ from conftest import DEVICE, REPO
 from slm.kernels import attention_reference, attention_varlen_reference, flash_attention, flash_attention_varlen
 from slm.kernels.compile_check import SHARED_MEMORY
 from slm.kernels.flash_attention import launch_config
-from slm.kernels.testing import GPU_TOLERANCES, assert_close, outputs_and_gradients
+from slm.kernels.testing import TOLERANCES, assert_close, outputs_and_gradients
 
-# (dtype, atol, rtol) against the fp32 reference, for the output and every gradient:
-# |actual - expected| <= atol + rtol * |expected|. In the interpreter fp32 is exact up to summation
-# order and bf16 dots run in fp32, so the error is mostly the final rounding. A GPU runs fp32 dots as
-# tf32 and rounds P and dS to 16 bits before the half-precision dots: the kernels' GPU tolerances.
-TOLERANCES = {
-    "cpu": [(torch.float32, 2e-5, 1e-5), (torch.float16, 3e-3, 3e-3), (torch.bfloat16, 2e-2, 2e-2)],
-    "cuda": [(dtype, *tolerance) for dtype, tolerance in GPU_TOLERANCES.items()],
-}[DEVICE]
+# (dtype, atol, rtol) against the fp32 reference, for the output and every gradient (kernels/testing.py's
+# table for this device); fp32 first.
+BY_DTYPE = [(dtype, *tolerance) for dtype, tolerance in TOLERANCES[DEVICE].items()]
 
 
 def check_against_reference(kernel_fn, reference_fn, inputs, atol, rtol):
@@ -55,7 +50,7 @@ DENSE_SHAPES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("dtype,atol,rtol", BY_DTYPE, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("batch,heads,seq_len,head_dim,causal", DENSE_SHAPES)
 def test_dense_matches_reference(batch, heads, seq_len, head_dim, causal, dtype, atol, rtol, device):
     torch.manual_seed(0)
@@ -68,7 +63,7 @@ def test_dense_matches_reference(batch, heads, seq_len, head_dim, causal, dtype,
 
 
 # Causal in every dtype; non-causal once, in fp32, to keep the interpreter time down.
-VARLEN_CASES = [(True, *tolerance) for tolerance in TOLERANCES] + [(False, *TOLERANCES[0])]
+VARLEN_CASES = [(True, *tolerance) for tolerance in BY_DTYPE] + [(False, *BY_DTYPE[0])]
 
 
 @pytest.mark.gpu
@@ -114,7 +109,7 @@ def test_non_contiguous_views_of_a_fused_qkv(device):
     check_against_reference(
         lambda q, k, v: flash_attention(q, k, v, sm_scale=sm_scale),
         lambda q, k, v: attention_reference(q, k, v, causal=True, sm_scale=sm_scale),
-        dense, *TOLERANCES[0][1:],
+        dense, *BY_DTYPE[0][1:],
     )
 
     # Packed: (B*T, 3, H, D) -> three (B*T, H, D) views; the two rows are two sequences.
@@ -123,7 +118,7 @@ def test_non_contiguous_views_of_a_fused_qkv(device):
     check_against_reference(
         lambda q, k, v: flash_attention_varlen(q, k, v, cu_seqlens, seq_len, sm_scale=sm_scale),
         lambda q, k, v: attention_varlen_reference(q, k, v, cu_seqlens, seq_len, sm_scale=sm_scale),
-        packed, *TOLERANCES[0][1:],
+        packed, *BY_DTYPE[0][1:],
     )
 
 

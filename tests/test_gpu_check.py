@@ -52,7 +52,8 @@ def test_dry_run_measures_each_side_and_checks_correctness_first(dry_run):
     step = train_step["by_dtype"]["bf16"]
     assert step["losses_agree"] and [r["name"] for r in step["rows"]][-1] == "transformers sdpa, padded"
     assert all(r["tok_s"] > 0 for r in step["rows"])
-    assert [r["batch"] for r in decode["rows"]] == [1, 4] and all(r["eager_equal_to_hf"] == 1 for r in decode["rows"])
+    assert [r["batch"] for r in decode["runs"]] == [1, 4] and all(r["equal_token_share"] == 1 for r in decode["runs"])
+    assert all(r["compiled_equal_to_ours"] for r in decode["runs"])
     # The kill came after the half-way checkpoint, and the resumed run logged the unkilled run's losses.
     assert resume["killed_after_logged_step"] >= resume["checkpoint_step"] == resume["steps"] // 2
     assert resume["equal_after_resume"] and len(resume["losses_resumed"]) == resume["steps"]

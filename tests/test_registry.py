@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slm import kernels
+from slm.kernels.testing import TOLERANCES
 
 
 def test_shipped_implementations_are_listed_and_the_references_among_them():
@@ -57,7 +58,7 @@ def test_register_refuses_an_unknown_op_and_a_non_function():
 
 # On a GPU the kernels run there (the interpreter only on CPU); Triton's fp32 tl.dot is TF32 on a GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = dict(atol=2e-3, rtol=2e-3) if DEVICE == "cuda" else dict(atol=2e-5, rtol=1e-4)
+ATOL, RTOL = TOLERANCES[DEVICE][torch.float32]
 
 
 def _qkv(*shape, seed=0):
@@ -93,7 +94,7 @@ def test_attention_implementations_agree_with_eager(name, form):
     expected = kernels.get("attention", "eager")(q, k, v, **kwargs)
     got = kernels.get("attention", name)(q, k, v, **kwargs)
     assert got.shape == q.shape
-    torch.testing.assert_close(got, expected, **TOLERANCE)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
 
 
 def test_eager_decode_step_is_bottom_right_causal():
