@@ -56,12 +56,11 @@ class Worker:
         self.context = model.config.max_position_embeddings
         self.grammar = step_grammar.for_tokenizer(tok)
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.batch: list[Job] = []
+        self.decoding = 0   # the rows slm.generate still decodes (it polls `cancelled` once per step)
         threading.Thread(target=self._run, daemon=True, name="slm-decode").start()
 
     def status(self) -> dict:
-        return {"queued": self.queue.qsize(),
-                "decoding": sum(not job.ended and not job.gone.is_set() for job in self.batch)}
+        return {"queued": self.queue.qsize(), "decoding": self.decoding}
 
     def submit(self, settings: dict) -> Job:
         """Queue a validated request: APIError for a conversation or tools the model cannot take, QueueFull."""
@@ -111,16 +110,16 @@ class Worker:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            self.batch = [job for job in batch if not job.gone.is_set()]
+            batch = [job for job in batch if not job.gone.is_set()]
             try:
-                if self.batch:
-                    self._decode(self.batch)
+                if batch:
+                    self._decode(batch)
             except Exception as error:   # a bug: the batch's open requests get a 500; the thread lives on
-                for job in self.batch:
+                for job in batch:
                     if not job.ended:
                         job.ended = True
                         job.send("error", error)
-            self.batch = []
+            self.decoding = 0
 
     def _decode(self, batch: list[Job]):
         def on_token(i: int, token: int):
@@ -135,7 +134,9 @@ class Worker:
                 self._end(job, complete=job.matcher.done)
 
         def cancelled() -> set[int]:
-            return {i for i, job in enumerate(batch) if job.ended or job.gone.is_set()}
+            stop = {i for i, job in enumerate(batch) if job.ended or job.gone.is_set()}
+            self.decoding = len(batch) - len(stop)
+            return stop
 
         generate(self.model, [job.prompt for job in batch], max(job.settings["max_tokens"] for job in batch),
                  eos_id=EOS_ID, constraints=[job.matcher for job in batch], samplers=[job.sampler for job in batch],
