@@ -166,26 +166,33 @@ def test_none_answers_in_content_with_the_thought_as_reasoning(client):
     assert answer.choices[0].finish_reason == "stop"
 
 
-def test_length_never_returns_a_cut_call(client):
-    answer = ask(client, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=3)
-    assert answer.choices[0].finish_reason == "length"
-    assert not answer.choices[0].message.tool_calls and answer.usage.completion_tokens == 3
+def greedy_step(checkpoint, max_tokens: int) -> str:
+    """The step slm.generate writes for MESSAGES under the server's grammar for tool_choice "required" and
+    `max_tokens` (thought max_tokens // 4 chars, values at least 24), `</s>` written out."""
+    tok = slm.load_tokenizer(checkpoint)
+    matcher = step_grammar.for_tokenizer(tok).matcher([WEATHER["function"]], "required", thought_chars=max_tokens // 4,
+                                                      value_chars=max(24, max_tokens // 4))
+    prompt = tok.encode(slm.chat.render(MESSAGES, [WEATHER]))
+    return tok.decode(slm.generate(slm.load_model(checkpoint), [prompt], max_tokens, constraints=[matcher])[0])
 
 
 def test_temperature_0_answer_is_slm_generates_tokens(client, checkpoint):
-    tok = slm.load_tokenizer(checkpoint)
-    model = slm.load_model(checkpoint)
-    # The server's grammar for max_tokens=64: thought 64 // 4 chars, values at least 24.
-    matcher = step_grammar.for_tokenizer(tok).matcher([WEATHER["function"]], "required", thought_chars=16,
-                                                      value_chars=24)
-    prompt = tok.encode(slm.chat.render(MESSAGES, [WEATHER]))
-    row = slm.generate(model, [prompt], 64, constraints=[matcher])[0]
-    assert row[-1] == 2
-    head, _, arguments = tok.decode(row[:-1]).partition("\nAction Input: ")
+    step = greedy_step(checkpoint, 64)
+    assert step.endswith("</s>")
+    head, _, arguments = step.removesuffix("</s>").partition("\nAction Input: ")
     message = ask(client, tools=[WEATHER], tool_choice="required", temperature=0).choices[0].message
     call = message.tool_calls[0].function
     assert head == f"\nThought: {message.reasoning_content}\nAction: {call.name}"
     assert call.arguments == arguments.strip()   # the JSON as the model wrote it
+
+
+def test_length_never_returns_a_cut_call(client, checkpoint):
+    step = greedy_step(checkpoint, 20)
+    assert "\nAction Input: {" in step and not step.endswith("</s>")   # cut inside the arguments
+    answer = ask(client, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=20)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 20
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content is None
+    assert step.startswith(f"\nThought: {answer.choices[0].message.reasoning_content}\nAction: ")
 
 
 def test_temperature_0_is_the_same_in_a_batch(client):
@@ -413,7 +420,7 @@ def test_a_full_queue_is_429_with_retry_after(nan_server, nan_client):
     waiting = [open_stream(nan_client) for _ in range(2)]
     until(lambda: status(nan_server) == {"status": "ok", "queued": 2, "decoding": 1})
     with pytest.raises(openai.RateLimitError) as caught:
-        nan_client.chat.completions.create(model="diverged", messages=MESSAGES, max_tokens=4)
+        nan_client.chat.completions.create(model="diverged", messages=MESSAGES, temperature=0, max_tokens=4)
     assert caught.value.response.headers["retry-after"] == "1"
     assert caught.value.body["code"] == "rate_limit_exceeded"
     for stream in [first, *waiting]:   # clients that leave while decoding or queued: nothing is left to do
