@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 
 import jsonschema
@@ -193,6 +194,14 @@ def test_length_never_returns_a_cut_call(client, checkpoint):
     assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 20
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content is None
     assert step.startswith(f"\nThought: {answer.choices[0].message.reasoning_content}\nAction: ")
+
+
+def test_an_answer_sent_back_continues_the_conversation(client):
+    """The agent loop: the SDK's message object goes back as it is, the tool's result answers its call."""
+    message = ask(client, tools=[WEATHER], tool_choice="required", temperature=0).choices[0].message
+    messages = [*MESSAGES, message.model_dump(), {"role": "tool", "tool_call_id": message.tool_calls[0].id,
+                                                  "content": '{"sky": "sunny"}'}]
+    assert ask(client, messages=messages, tools=[WEATHER], tool_choice="none").choices[0].finish_reason == "stop"
 
 
 def test_temperature_0_is_the_same_in_a_batch(client):
@@ -428,19 +437,28 @@ def test_a_full_queue_is_429_with_retry_after(nan_server, nan_client):
     until(lambda: status(nan_server) == {"status": "ok", "queued": 0, "decoding": 0})
 
 
-def test_a_client_that_leaves_is_dropped_from_its_batch(nan_server, nan_client):
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_client_that_leaves_is_dropped_from_its_batch(nan_server, nan_client, streaming):
     blocker, _ = decoding_stream(nan_client)
-    leaving = open_stream(nan_client)
+    if streaming:
+        leaving = open_stream(nan_client)
+    else:   # a plain request on a connection of its own, closed before the answer
+        leaving = HTTPConnection("127.0.0.1", int(nan_server.rsplit(":", 1)[1]), timeout=60)
+        leaving.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "diverged", "messages": MESSAGES, "tools": [WEATHER], "tool_choice": "required",
+             "temperature": 0}), {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         staying = pool.submit(lambda: nan_client.chat.completions.create(
             model="diverged", messages=MESSAGES, tools=[WEATHER], tool_choice="required", temperature=0))
         until(lambda: status(nan_server)["queued"] == 2)
         blocker.close()                 # its row stops, and the two waiting requests decode as one batch
-        chunks = iter(leaving)
-        assert next(chunks).choices[0].delta.role == "assistant"
-        assert next(chunks).choices[0].delta.reasoning_content   # streamed live, while both rows decode
-        assert status(nan_server)["decoding"] == 2
+        if streaming:
+            chunks = iter(leaving)
+            assert next(chunks).choices[0].delta.role == "assistant"
+            assert next(chunks).choices[0].delta.reasoning_content   # streamed live, while both rows decode
+        until(lambda: status(nan_server)["decoding"] == 2)
         leaving.close()
+        # The two rows are the same step, so they would end together: one row left means one was dropped.
         until(lambda: status(nan_server)["decoding"] == 1)
         assert staying.result().choices[0].finish_reason == "tool_calls"
     assert status(nan_server) == {"status": "ok", "queued": 0, "decoding": 0}
