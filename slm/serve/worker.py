@@ -69,11 +69,11 @@ class Worker:
         except ValueError as error:   # the format's rules (slm.chat), e.g. a tool message answering no call
             raise bad(str(error), str(error).split(":")[0]) from None
         room = self.context - len(prompt)
-        max_tokens = settings["max_tokens"] or room
-        if max_tokens > room or room < 1:
-            raise APIError(400, f"the conversation is {len(prompt)} tokens and max_tokens {max_tokens}: together "
-                                f"over the model's context of {self.context} tokens", param="messages",
-                           code="context_length_exceeded")
+        max_tokens = settings["max_tokens"] or room   # not given: what the context leaves
+        if room < 1 or max_tokens > room:
+            asked = f" and max_tokens {max_tokens}" if settings["max_tokens"] else ""
+            raise APIError(400, f"the conversation is {len(prompt)} tokens{asked}: over the model's context of "
+                                f"{self.context} tokens", param="messages", code="context_length_exceeded")
         settings = {**settings, "max_tokens": max_tokens}
         sampler = None
         if settings["temperature"] > 0:
@@ -91,7 +91,8 @@ class Worker:
         """The request's step grammar, its thought and values bounded so a step fits max_tokens (any model,
         an untrained one too); a schema llguidance cannot compile is a 400 naming its tool."""
         budget = settings["max_tokens"]
-        # Never under Finish's longest enum value (19 chars), which a smaller bound makes unsatisfiable.
+        # Values get at least MIN_VALUE_CHARS: room for a name or a short answer even under a small budget
+        # (a step that then overruns max_tokens ends with finish_reason "length", never as a call).
         bounds = {"thought_chars": budget // 4, "value_chars": max(MIN_VALUE_CHARS, budget // 4)}
         functions = [tool["function"] for tool in settings["tools"]]
         for i, function in enumerate(functions):   # each alone, so the error names its tool
