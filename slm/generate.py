@@ -1,4 +1,4 @@
-"""Greedy decoding with a preallocated KV cache, batched over prompts of different lengths.
+"""Decoding with a preallocated KV cache, batched over prompts of different lengths: greedy, or sampled per row.
 
     new_tokens = slm.generate(model, [tok.encode("Hello"), tok.encode("A longer prompt")], max_new_tokens=32)
     new_tokens = slm.generate(model, prompts, max_new_tokens=32, compile=True)   # the decode step compiled
@@ -24,9 +24,15 @@ transformers' `generate()` does, so a caller can tell "stopped at </s>" from "hi
 `max_new_tokens` tokens when no eos came.
 
 Constrained decoding: `constraints` gives one `slm.step_grammar` matcher (or None) per prompt. Such a
-call takes its own loop: every step's logits come to the host, each row with a matcher is masked to
-what its grammar allows before the argmax, and the matcher advances with the chosen token. Calls
-without constraints (or with only None) run the loop below unchanged.
+call takes its own loop on the host: every step's logits come to the host, each row with a matcher is
+masked to what its grammar allows before the argmax, and the matcher advances with the chosen token.
+Sampling (`samplers`, one `Sampler` or None per prompt), a per-token callback (`on_token`, e.g. a server
+streaming each row) and stopping rows midway (`cancelled`) take that loop too. Calls with none of these
+run the loop below unchanged.
+
+Sampling draws from softmax(logits / temperature), cut to the top_p nucleus (transformers' `top_p`), with
+the row's own `torch.Generator`: a row draws once per token it keeps, so a seeded row gives the same tokens
+alone or beside any other rows. A row without a Sampler is greedy, the argmax of the same (masked) logits.
 
 Host syncs: the loop never reads a tensor value on the host except a cheap "have all sequences
 finished?" check every `check_every` steps; the tokens come back to the host once, at the end.
@@ -35,6 +41,7 @@ costs a few wasted steps but saves a GPU->CPU round trip per token.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +71,26 @@ def compiled_decode_step(device_type: str):
     return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How one row samples: softmax(logits / temperature) cut to the top_p nucleus, drawn with `generator`
+    (None: torch's global generator). temperature > 0; top_p in [0, 1], 1 keeps every token."""
+    temperature: float
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """A token id drawn from one row's (vocab,) float logits on the CPU (masked ones at -inf)."""
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # The nucleus: a token stays while the mass of the likelier ones is under top_p; the likeliest always.
+            outside = sorted_probs.cumsum(0) - sorted_probs >= self.top_p
+            outside[0] = False
+            probs[order[outside]] = 0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
 @torch.inference_mode()
 def generate(
     model: OPT,
@@ -75,10 +102,11 @@ def generate(
     pad_id: int | None = None,
     check_every: int = 8,
     constraints: list | None = None,
-    temperatures: list[float] | None = None,
+    samplers: list[Sampler | None] | None = None,
+    on_token=None,
     cancelled=None,
 ) -> list[list[int]]:
-    """Greedy continuation of every prompt; new tokens only, each list ending at its first eos_id.
+    """Greedy (or sampled) continuation of every prompt; new tokens only, each list ending at its first eos_id.
 
     The model should be in eval mode (as `slm.load_model` returns it): dropout would make decoding random.
     prompts: token-id lists (each non-empty, e.g. `tok.encode(text)` with its leading </s>).
@@ -90,10 +118,11 @@ def generate(
     check_every: how many steps pass between checks that every sequence has finished.
     constraints: one `slm.step_grammar` matcher or None per prompt (see the module docstring); the
         matchers are advanced in place. With any matcher, compile is not used.
-    temperatures: one per prompt; a row above 0 samples from softmax(logits / t) instead of the argmax
-        (torch's global generator). Takes the host loop, as constraints do; rows at 0 are greedy.
+    samplers: one `Sampler` or None (greedy) per prompt. Any Sampler takes the host loop.
+    on_token: a callable `on_token(row, token)`, called for every token a row keeps, as it is chosen (after
+        its matcher advanced). Host loop.
     cancelled: a callable, called once per step with no arguments, returning the set of row indexes to
-        stop now (a server's disconnected clients); those rows keep the tokens they have. Host loop too.
+        stop now (a server's disconnected clients); those rows keep the tokens they have. Host loop.
     """
     if not prompts:
         return []
@@ -127,15 +156,16 @@ def generate(
 
     cache = model.new_kv_cache(batch, total)
     host_loop = (constraints is not None and any(c is not None for c in constraints)) or cancelled is not None \
-        or (temperatures is not None and any(t > 0 for t in temperatures))
+        or on_token is not None or (samplers is not None and any(s is not None for s in samplers))
     if host_loop:
         constraints = constraints if constraints is not None else [None] * batch
+        samplers = samplers if samplers is not None else [None] * batch
         if len(constraints) != batch:
             raise ValueError(f"{len(constraints)} constraints for {batch} prompts: give one matcher or None each")
-        if temperatures is not None and len(temperatures) != batch:
-            raise ValueError(f"{len(temperatures)} temperatures for {batch} prompts: give one each")
-        return _generate_on_host(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints,
-                                     temperatures, cancelled)
+        if len(samplers) != batch:
+            raise ValueError(f"{len(samplers)} samplers for {batch} prompts: give one Sampler or None each")
+        return _generate_on_host(model, input_ids, mask, cache, max_new_tokens, eos_id, constraints, samplers,
+                                 on_token, cancelled)
     step_fn = decode_step
     if compile:
         step_fn = compiled_decode_step(device.type)
@@ -170,10 +200,10 @@ def generate(
     return tokens
 
 
-def _generate_on_host(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers,
-                          temperatures=None, cancelled=None) -> list[list[int]]:
+def _generate_on_host(model: OPT, input_ids, mask, cache, max_new_tokens: int, eos_id, matchers, samplers,
+                      on_token=None, cancelled=None) -> list[list[int]]:
     """Decoding of a prepared batch on the host: each row with a matcher masked by its grammar, rows with a
-    temperature above 0 sampled, rows that `cancelled` names stopped."""
+    Sampler sampled, every kept token passed to `on_token`, rows that `cancelled` names stopped."""
     longest = input_ids.shape[1]
     hidden = model(input_ids, attention_mask=mask[:, :longest], cache=cache, return_hidden=True)
     logits = (hidden[:, -1] @ model.lm_head_weight.T).float().cpu()     # (B, vocab)
@@ -181,14 +211,16 @@ def _generate_on_host(model: OPT, input_ids, mask, cache, max_new_tokens: int, e
     rows: list[list[int]] = [[] for _ in matchers]
     finished = [False] * len(matchers)
     for step in range(max_new_tokens):
-        step_grammar.mask_logits(logits, matchers)
+        for i in cancelled() if cancelled is not None else ():
+            finished[i] = True
+        if all(finished):
+            break
+        # Finished rows are neither masked nor sampled: a row's generator draws only for its own tokens.
+        step_grammar.mask_logits(logits, [None if done else m for m, done in zip(matchers, finished)])
         next_token = logits.argmax(dim=-1)
-        for i, t in enumerate(temperatures or []):
-            if t > 0:
-                next_token[i] = torch.multinomial(torch.softmax(logits[i] / t, dim=-1), 1)[0]
-        if cancelled is not None:
-            for i in cancelled():
-                finished[i] = True
+        for i, sampler in enumerate(samplers):
+            if sampler is not None and not finished[i]:
+                next_token[i] = sampler(logits[i])
         for i, token in enumerate(next_token.tolist()):
             if finished[i]:
                 continue
@@ -196,6 +228,8 @@ def _generate_on_host(model: OPT, input_ids, mask, cache, max_new_tokens: int, e
             if matchers[i] is not None:
                 matchers[i].advance(token)
             finished[i] = eos_id is not None and token == eos_id
+            if on_token is not None:
+                on_token(i, token)
         if all(finished) or step + 1 == max_new_tokens:
             break
         out = model(next_token[:, None].to(input_ids.device), attention_mask=mask, cache=cache,

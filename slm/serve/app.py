@@ -1,12 +1,20 @@
-"""The Starlette application: POST /v1/chat/completions and GET /v1/models, OpenAI's errors throughout."""
+"""The Starlette application: POST /v1/chat/completions, GET /v1/models[/{id}], GET /health; OpenAI's errors throughout.
 
+A streamed answer sends its role at once, then each delta as the decode thread makes it (`worker`), then one
+finish_reason chunk, the usage chunk when stream_options.include_usage, and `data: [DONE]`. A client that
+disconnects, streaming or not, marks its job gone: the worker skips or drops it. An error inside the server
+is logged with its traceback and answered as a 500 (or, once a stream has started, an error event) without it.
+"""
+
+import asyncio
 import hmac
 import json
 import logging
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import protocol
@@ -15,7 +23,9 @@ from .worker import QueueFull, Worker
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.1
 log = logging.getLogger("slm.serve")
+INTERNAL_ERROR = APIError(500, "the server failed to decode this request", type_="server_error", code="internal_error")
 
 
 def error_response(error: APIError, headers=None) -> JSONResponse:
@@ -23,25 +33,33 @@ def error_response(error: APIError, headers=None) -> JSONResponse:
 
 
 def make_app(worker: Worker, model_name: str, api_key: str | None = None) -> Starlette:
-    def authorised(request: Request) -> bool:
-        if api_key is None:
-            return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+    model = {"id": model_name, "object": "model", "created": 0, "owned_by": "slm"}
 
-    def unauthorised() -> JSONResponse:
+    def unauthorised(request: Request) -> JSONResponse | None:
+        """The 401 for a missing or wrong Bearer token, None when the request may pass."""
+        given = request.headers.get("authorization", "")
+        if api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return None
         return error_response(APIError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
-                                       param=None, code="invalid_api_key"))
+                                       code="invalid_api_key"))
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", **worker.status()})
 
     async def models(request: Request):
-        if not authorised(request):
-            return unauthorised()
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "slm"}]})
+        return unauthorised(request) or JSONResponse({"object": "list", "data": [model]})
+
+    async def one_model(request: Request):
+        if refused := unauthorised(request):
+            return refused
+        if request.path_params["id"] != model_name:
+            return error_response(APIError(404, f"the model {request.path_params['id']!r} does not exist; this "
+                                                f"server serves {model_name!r}", param="model", code="model_not_found"))
+        return JSONResponse(model)
 
     async def completions(request: Request):
-        if not authorised(request):
-            return unauthorised()
+        if refused := unauthorised(request):
+            return refused
         try:
             raw = await _read_body(request)
             try:
@@ -56,33 +74,17 @@ def make_app(worker: Worker, model_name: str, api_key: str | None = None) -> Sta
             return error_response(APIError(429, "the server's queue is full: retry later", type_="rate_limit_error",
                                            code="rate_limit_exceeded"), {"Retry-After": str(RETRY_AFTER_S)})
         if settings["stream"]:
-            return StreamingResponse(_stream(job, settings, request), media_type="text/event-stream")
-        try:
-            message, finish, usage = await _wait(job, request)
-        except _Gone:
-            return JSONResponse({}, status_code=499)
-        except Exception:
-            log.exception("decoding failed")
-            return error_response(APIError(500, "the server failed to decode this request", type_="server_error",
-                                           code="internal_error"))
-        return JSONResponse(protocol.completion(settings, message, finish, usage))
-
-    async def _stream(job, settings, request):
-        try:
-            message, finish, usage = await _wait(job, request)
-        except _Gone:
-            return
-        except Exception:
-            log.exception("decoding failed")
-            yield protocol.sse(APIError(500, "the server failed to decode this request", type_="server_error",
-                                        code="internal_error").body())
-            yield b"data: [DONE]\n\n"
-            return
-        answer = protocol.completion(settings, message, finish, usage)
-        answer["_include_usage"] = settings["include_usage"]
-        for chunk in protocol.chunks(answer):
-            yield protocol.sse(chunk)
-        yield b"data: [DONE]\n\n"
+            # The background task runs when the response ends, a disconnect included: the job stops there.
+            return StreamingResponse(_events(job, settings), media_type="text/event-stream",
+                                     background=BackgroundTask(job.gone.set))
+        event = await _outcome(job, request)
+        if event is None:   # the client went away; nobody reads this
+            return Response(status_code=499)
+        if event[0] == "error":
+            log.error("decoding failed", exc_info=event[1])
+            return error_response(INTERNAL_ERROR)
+        _, message, finish_reason, usage = event
+        return JSONResponse(protocol.completion(settings, message, finish_reason, usage))
 
     async def not_found(request, exc):
         return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
@@ -92,27 +94,49 @@ def make_app(worker: Worker, model_name: str, api_key: str | None = None) -> Sta
                                        code="method_not_allowed"))
 
     async def server_error(request, exc):
-        log.exception("unhandled error", exc_info=exc)
+        log.error("unhandled error", exc_info=exc)
         return error_response(APIError(500, "internal server error", type_="server_error", code="internal_error"))
 
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"]),
-                             Route("/v1/models", models, methods=["GET"])],
+                             Route("/v1/models", models, methods=["GET"]),
+                             Route("/v1/models/{id:path}", one_model, methods=["GET"]),
+                             Route("/health", health, methods=["GET"])],
                      exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})
 
 
-class _Gone(Exception):
-    """The client disconnected while its request waited or decoded."""
-
-
-async def _wait(job, request: Request):
-    import asyncio
+async def _outcome(job, request: Request):
+    """The job's end or error event; None when the client disconnects first (the job is then marked gone)."""
     while True:
-        done, _ = await asyncio.wait({job.future}, timeout=0.1)
-        if done:
-            return job.future.result()
-        if await request.is_disconnected():
-            job.disconnected.set()
-            raise _Gone
+        try:
+            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                job.gone.set()
+                return None
+            continue
+        if event[0] != "delta":
+            return event
+
+
+async def _events(job, settings: dict):
+    """The server-sent events of a streamed answer."""
+    head = protocol.chunk_head(settings)
+    yield protocol.sse(protocol.chunk(head, {"role": "assistant"}))
+    while True:
+        event = await job.events.get()
+        if event[0] == "delta":
+            yield protocol.sse(protocol.chunk(head, event[1]))
+        elif event[0] == "end":
+            _, _, finish_reason, usage = event
+            yield protocol.sse(protocol.chunk(head, {}, finish_reason))
+            if settings["include_usage"]:
+                yield protocol.sse(protocol.usage_chunk(head, usage))
+            break
+        else:
+            log.error("decoding failed", exc_info=event[1])
+            yield protocol.sse(INTERNAL_ERROR.body())
+            break
+    yield b"data: [DONE]\n\n"
 
 
 async def _read_body(request: Request) -> bytes:

@@ -1,11 +1,30 @@
-"""Chat-completion requests checked field by field, answers and errors in OpenAI's shapes."""
+"""Chat-completion requests checked field by field, answers and errors in the shapes of the `openai` package's types.
+
+    settings = validate(body, "slm")          # or APIError(status, message, param=..., code=...)
+    completion(settings, message, "tool_calls", usage)   # a ChatCompletion
+    chunk(head, {"content": "Hi"})                       # a ChatCompletionChunk
+
+A null field counts as absent (OpenAI's optional fields are nullable). Fields this server cannot honour are
+accepted at their neutral value (n 1, logprobs false, penalties 0, ...) and otherwise 400 `unsupported_value`;
+a field OpenAI does not define is 400 `unsupported_parameter`.
+"""
 
 import json
+import re
 import time
 import uuid
 
-HONOURED = {"model", "messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "stream",
-            "stream_options", "temperature", "n", "user", "parallel_tool_calls"}
+HONOURED = {"model", "messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "stop", "temperature",
+            "top_p", "seed", "stream", "stream_options", "parallel_tool_calls", "user"}
+# OpenAI's fields with no meaning here, each with the value that asks for nothing.
+NEUTRAL = {"n": 1, "logprobs": False, "top_logprobs": 0, "logit_bias": {}, "frequency_penalty": 0,
+           "presence_penalty": 0, "response_format": {"type": "text"}}
+DEPRECATED = {"functions": "tools", "function_call": "tool_choice"}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+RESERVED_TOOL = "Finish"   # the format's own function, which ends a step with the answer
+MAX_STOP = 4
+SEED_RANGE = (-2**63, 2**64 - 1)   # what torch.Generator.manual_seed takes
 
 
 class APIError(Exception):
@@ -19,94 +38,169 @@ class APIError(Exception):
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+def bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def _number(value, param: str, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise bad(f"{param} must be a number from {low} to {high}, got {value!r}", param)
+    return float(value)
+
+
+def _positive_int(value, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise bad(f"{param} must be a positive integer, got {value!r}", param)
+    return value
+
+
 def validate(body, model_name: str) -> dict:
-    """The request's decoding settings, or an APIError naming the first bad field."""
+    """The request's settings, or an APIError naming the first bad field."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None, "invalid_json")
-    unknown = sorted(set(body) - HONOURED)
-    if unknown:
-        raise _bad(f"unsupported field(s) {unknown}: this server honours {sorted(HONOURED)}", unknown[0],
-                   "unsupported_parameter")
-    if body.get("model") != model_name:
-        raise APIError(404, f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}",
+        raise bad("the request body must be a JSON object", None, "invalid_json")
+    body = {key: value for key, value in body.items() if value is not None}
+    for key in sorted(body):
+        if key in DEPRECATED:
+            raise bad(f"{key} is deprecated and not supported: send {DEPRECATED[key]}", key, "unsupported_value")
+        if key in NEUTRAL and body[key] != NEUTRAL[key]:
+            raise bad(f"{key} {body[key]!r} is not supported: this server only accepts {NEUTRAL[key]!r}", key,
+                      "unsupported_value")
+        if key not in HONOURED and key not in NEUTRAL:
+            raise bad(f"unknown or unsupported field {key!r}: this server honours {sorted(HONOURED)}", key,
+                      "unsupported_parameter")
+    if not isinstance(body.get("model"), str):
+        raise bad("model is required: a model id string", "model", "missing_required_parameter")
+    if body["model"] != model_name:
+        raise APIError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool") for m in messages):
-        raise _bad("messages must be a non-empty list of {role: system|user|assistant|tool, ...} objects", "messages")
-    tools = body.get("tools") or []
-    if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
-        raise _bad("tools must be a list of {type: function, function: {name, description, parameters}}", "tools")
-    names = [t["function"]["name"] for t in tools]
-    choice = body.get("tool_choice", "auto" if tools else "none")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        if choice.get("type") != "function" or name not in names:
-            raise _bad(f"tool_choice names {name!r}, which is not among the tools {names}", "tool_choice")
-        choice = {"name": name}
-    elif choice not in ("auto", "required", "none"):
-        raise _bad("tool_choice must be 'auto', 'required', 'none' or {type: function, function: {name}}",
-                   "tool_choice")
-    elif choice == "required" and not tools:
-        raise _bad("tool_choice 'required' needs at least one tool", "tool_choice")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise _bad("max_tokens must be a positive integer", "max_tokens")
-    temperature = body.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise _bad("temperature must be a number from 0 to 2", "temperature")
-    if body.get("n", 1) != 1:
-        raise _bad("n must be 1: this server returns one choice", "n")
+    tools = _tools(body.get("tools", []))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("stream_options must be an object", "stream_options")
-    return {"messages": messages, "tools": tools, "tool_choice": choice, "max_tokens": max_tokens,
-            "temperature": float(temperature), "stream": stream,
-            "include_usage": bool(options.get("include_usage")), "model": model_name}
+        raise bad("stream must be a boolean", "stream")
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise bad("stream_options must be an object {include_usage: boolean}", "stream_options")
+    if options and not stream:
+        raise bad("stream_options is only allowed with stream: true", "stream_options")
+    if not isinstance(body.get("parallel_tool_calls", True), bool):
+        raise bad("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+    max_tokens = None   # absent: what the context leaves (worker.submit)
+    for key in ("max_tokens", "max_completion_tokens"):   # the newer name wins when both are given
+        if key in body:
+            max_tokens = _positive_int(body[key], key)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise bad(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {seed!r}", "seed")
+    return {"model": model_name, "messages": _messages(body.get("messages")), "tools": tools,
+            "tool_choice": _tool_choice(body.get("tool_choice", "auto" if tools else "none"), tools),
+            "max_tokens": max_tokens, "stop": _stop(body.get("stop", [])),
+            "temperature": _number(body.get("temperature", 1.0), "temperature", 0, 2),
+            "top_p": _number(body.get("top_p", 1.0), "top_p", 0, 1), "seed": seed,
+            "stream": stream, "include_usage": options.get("include_usage", False)}
 
 
-def completion(request: dict, message: dict, finish_reason: str, usage: dict) -> dict:
-    """A `ChatCompletion` object."""
+def _messages(messages) -> list[dict]:
+    """The messages with text parts joined into one string; slm.chat checks the conversation's order."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise bad(f"{where} must be an object whose role is one of {list(ROLES)}", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):
+                raise bad(f"{where}.content: only text parts ({{type: text, text}}) are supported", f"{where}.content",
+                          "unsupported_value")
+            content = "".join(part["text"] for part in content)
+        elif content is not None and not isinstance(content, str):
+            raise bad(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+            raise bad(f"{where}.content is required", f"{where}.content")
+        calls = message.get("tool_calls") or []
+        if message["role"] == "assistant" and (not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) and isinstance(c["function"].get("arguments"), str)
+                for c in calls)):
+            raise bad(f"{where}.tool_calls must be a list of {{id, type: function, function: {{name, arguments}}}}",
+                      f"{where}.tool_calls")
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise bad(f"{where}.tool_call_id is required: the id of the call it answers", f"{where}.tool_call_id")
+        out.append({**message, "content": content})
+    return out
+
+
+def _tools(tools) -> list[dict]:
+    if not isinstance(tools, list):
+        raise bad("tools must be a list of {type: function, function: {name, description, parameters}}", "tools")
+    names = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise bad(f"{where} must be {{type: function, function: {{name, description, parameters}}}}", where)
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise bad(f"{where}.function.name must match {TOOL_NAME.pattern}, got {name!r}", f"{where}.function.name")
+        if name == RESERVED_TOOL or name in names:
+            raise bad(f"{where}.function.name {name!r} is " + ("reserved: the format's Finish ends a step with the "
+                      "answer" if name == RESERVED_TOOL else "offered twice"), f"{where}.function.name")
+        names.add(name)
+        if not isinstance(function.get("description", ""), str):
+            raise bad(f"{where}.function.description must be a string", f"{where}.function.description")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise bad(f"{where}.function.parameters must be a JSON Schema object with type 'object' (the arguments "
+                      "are an object)", f"{where}.function.parameters")
+    return tools
+
+
+def _tool_choice(choice, tools: list[dict]):
+    names = [tool["function"]["name"] for tool in tools]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise bad(f"tool_choice names {name!r}, which is not among the tools {names}", "tool_choice")
+        return {"name": name}
+    if choice not in ("auto", "required", "none"):
+        raise bad("tool_choice must be 'auto', 'required', 'none' or {type: function, function: {name}}",
+                  "tool_choice")
+    if choice == "required" and not tools:
+        raise bad("tool_choice 'required' needs at least one tool", "tool_choice")
+    return choice
+
+
+def _stop(stop) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return stop
+
+
+def completion(settings: dict, message: dict, finish_reason: str, usage: dict) -> dict:
+    """A `ChatCompletion`."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": request["model"],
+            "model": settings["model"],
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
             "usage": usage}
 
 
-def chunks(answer: dict, fragment_chars: int = 16):
-    """The `ChatCompletionChunk` objects that reassemble into `answer`: role, content or the call's
-    name once and its arguments in fragments, one finish_reason, usage last (when asked)."""
-    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
-            "model": answer["model"]}
-    choice = answer["choices"][0]
-    message = choice["message"]
+def chunk_head(settings: dict) -> dict:
+    """The fields every `ChatCompletionChunk` of one answer shares."""
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": settings["model"]}
 
-    def chunk(delta, finish=None, **extra):
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
 
-    yield chunk({"role": "assistant", "content": ""})
-    if message.get("reasoning_content"):
-        yield chunk({"reasoning_content": message["reasoning_content"]})
-    if message.get("content"):
-        yield chunk({"content": message["content"]})
-    for index, call in enumerate(message.get("tool_calls") or []):
-        yield chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                     "function": {"name": call["function"]["name"], "arguments": ""}}]})
-        args = call["function"]["arguments"]
-        for start in range(0, len(args), fragment_chars):
-            yield chunk({"tool_calls": [{"index": index, "function": {"arguments": args[start:start + fragment_chars]}}]})
-    yield chunk({}, choice["finish_reason"])
-    if answer.get("_include_usage"):
-        yield {**base, "choices": [], "usage": answer["usage"]}
+def chunk(head: dict, delta: dict, finish_reason: str | None = None) -> dict:
+    return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(head: dict, usage: dict) -> dict:
+    """The last chunk when stream_options.include_usage: no choices, the usage."""
+    return {**head, "choices": [], "usage": usage}
 
 
 def sse(obj) -> bytes:
