@@ -22,10 +22,10 @@ import torch
 
 from .. import chat, generate, step_grammar
 from ..generate import Sampler
+from ..tokenizer import EOS_ID
 from .protocol import APIError, bad
 from .stream import StepStream
 
-EOS_ID = 2   # OPT's </s>, which ends an assistant step
 MIN_VALUE_CHARS = 24
 
 
