@@ -23,8 +23,9 @@ on a copy (ids unchanged): in OPT's tokenizer JSON they are ordinary tokens, whi
 otherwise let the model write as text.
 
 Not accepted, on purpose: a call to a function the prompt does not declare (one real step in ../shared
-calls `dota_2_steam_web`, a tool's name), and a thought that itself contains "\\nAction: " followed by
-something other than an allowed name (the thought ends at its first "\\nAction: ").
+calls `dota_2_steam_web`, a tool's name), a thought that itself contains "\\nAction: " followed by
+something other than an allowed name (the thought ends at its first "\\nAction: "), and a thought that
+contains "\\nAction Input: " (the parser would read the arguments from there).
 """
 
 import functools
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 from .tokenizer import EOS_ID, load_tokenizer
 from .toolbench.schemas import FINISH, FINISH_FUNCTION
 
+MAX_THOUGHT_CHARS = 2000   # a larger bound exhausts llguidance's lexer budget (2,500 compiles, 3,000 not)
 JSON_INDENT = 24       # the most spaces after a newline inside the arguments (indent 2, 12 levels deep)
 _NOT_TEXT = ("<s>", "<unk>", "<mask>")
 
@@ -130,6 +132,8 @@ def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int | No
               value_chars: int | None = None) -> str:
     """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them);
     `value_chars` bounds the arguments' values (`bounded`), None leaves them free."""
+    if thought_chars is not None and not 0 <= thought_chars <= MAX_THOUGHT_CHARS:
+        raise ValueError(f"thought_chars must be 0 to {MAX_THOUGHT_CHARS} (None: no bound), not {thought_chars}")
     whitespace = {"whitespace_pattern": f"(\n {{0,{JSON_INDENT}}})? ?"}
     calls = []
     for function in _allowed_functions(functions, tool_choice):
@@ -143,7 +147,9 @@ def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int | No
         # Lazy: the thought ends at the first "\nAction: ", which it includes. A bound is in characters: a
         # token cap would end the lexeme anywhere, "\nAction: " unwritten. It costs: each position under a
         # bound is a new lexer state, so a mask takes about 1 ms instead of 0.03 ms (OPT's vocabulary).
-        "thought[lazy]: /(.|\\n)" + ("*" if thought_chars is None else f"{{0,{thought_chars}}}") + "\\nAction: /",
+        # Never "\nAction Input: " inside: the parser's arguments begin at the first one (slm.toolbench.parse_step).
+        "thought[lazy]: /(.|\\n)" + ("*" if thought_chars is None else f"{{0,{thought_chars}}}") + "\\nAction: /"
+        ' & ~/(.|\\n)*\\nAction Input: (.|\\n)*/',
         "call: " + "\n    | ".join(calls),
     ]) + "\n"
 

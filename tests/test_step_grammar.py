@@ -82,6 +82,7 @@ def test_accepts_every_real_step_that_calls_a_declared_function(opt_tokenizer):
     '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"',   # unclosed
     '\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"}',             # no thought
     '\nThought: x\nAction: Finish\nAction Input: {"return_type":"give_in"}',         # Finish's enum
+    '\nThought: x\nAction Input: {}\nAction: get_weather_for_weather\nAction Input: {"city":"Paris"}',  # parsed as x's
 ])
 def test_rejects_malformed_steps(opt_tokenizer, text):
     grammar = step_grammar.for_tokenizer(opt_tokenizer)
@@ -224,3 +225,6 @@ def test_thought_is_free_unless_bounded(opt_tokenizer):
     with pytest.raises(ValueError):
         for token in opt_tokenizer.encode(step, add_bos=False):
             bounded.advance(token)
+    with pytest.raises(ValueError, match="thought_chars"):
+        grammar.matcher([WEATHER], "auto", thought_chars=step_grammar.MAX_THOUGHT_CHARS + 1)
+    grammar.matcher([WEATHER], "auto", thought_chars=step_grammar.MAX_THOUGHT_CHARS)   # compiles

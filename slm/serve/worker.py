@@ -93,7 +93,8 @@ class Worker:
         budget = settings["max_tokens"]
         # Values get at least MIN_VALUE_CHARS: room for a name or a short answer even under a small budget
         # (a step that then overruns max_tokens ends with finish_reason "length", never as a call).
-        bounds = {"thought_chars": budget // 4, "value_chars": max(MIN_VALUE_CHARS, budget // 4)}
+        bounds = {"thought_chars": min(budget // 4, step_grammar.MAX_THOUGHT_CHARS),
+                  "value_chars": max(MIN_VALUE_CHARS, budget // 4)}
         functions = [tool["function"] for tool in settings["tools"]]
         for i, function in enumerate(functions):   # each alone, so the error names its tool
             try:
