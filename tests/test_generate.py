@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slm
-from slm.generate import generate
+from slm.generate import Sampler, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,3 +130,27 @@ def test_edge_cases(checkpoint):
         generate(model, [[2] * 60], 5)
     # A single new token (no decode step at all) and a prompt that fills the positions exactly.
     assert len(generate(model, [[2] * 63], 1, eos_id=None)[0]) == 1
+
+
+def test_sampler_draws_what_transformers_draws(tmp_path):
+    """slm.generate with a seeded Sampler = transformers' generate(do_sample=True) from the same seed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1,
+                                    bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    hf = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.5)   # logits far apart, as in test_generate
+    hf.save_pretrained(tmp_path)
+    model = slm.load_model(tmp_path)
+    prompt = [2, 17, 42, 9]
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)]:
+        for seed in range(3):
+            torch.manual_seed(seed)
+            expected = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                                   max_new_tokens=20, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                   eos_token_id=None, pad_token_id=1)[0, 4:].tolist()
+            sampler = Sampler(temperature, top_p, torch.Generator().manual_seed(seed))
+            assert slm.generate(model, [prompt], 20, eos_id=None, samplers=[sampler])[0] == expected

@@ -30,7 +30,6 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 
 import slm
 from slm import step_grammar
-from slm.generate import Sampler
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,30 +294,6 @@ def test_top_p_near_0_is_greedy(client):
     greedy = essentials(ask(client, tools=[WEATHER], temperature=0))
     assert essentials(ask(client, tools=[WEATHER], temperature=1.5, top_p=1e-9, seed=5)) == greedy
     assert essentials(ask(client, tools=[WEATHER], temperature=1.5, top_p=1.0, seed=5)) != greedy
-
-
-def test_sampler_draws_what_transformers_draws(tmp_path):
-    """slm.generate with a seeded Sampler = transformers' generate(do_sample=True) from the same seed."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1,
-                                    bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
-    hf = transformers.OPTForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.5)   # logits far apart, as in test_generate
-    hf.save_pretrained(tmp_path)
-    model = slm.load_model(tmp_path)
-    prompt = [2, 17, 42, 9]
-    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)]:
-        for seed in range(3):
-            torch.manual_seed(seed)
-            expected = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                                   max_new_tokens=20, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                   eos_token_id=None, pad_token_id=1)[0, 4:].tolist()
-            sampler = Sampler(temperature, top_p, torch.Generator().manual_seed(seed))
-            assert slm.generate(model, [prompt], 20, eos_id=None, samplers=[sampler])[0] == expected
 
 
 # --------------------------------------------------------------------------------------------------
