@@ -205,7 +205,8 @@ class Decoder:
             return None
         grammar = step_grammar.for_tokenizer(self.tok)
         bounds = {"thought_chars": self.max_new_tokens // 4, "value_chars": self.max_new_tokens // 4} if budget else {}
-        return [grammar.matcher(p.functions, **bounds) if isinstance(p, GrammarPrompt) else None for p in prompts]
+        return [grammar.matcher(p.functions, toolbench_types=True, **bounds) if isinstance(p, GrammarPrompt) else None
+                for p in prompts]
 
     def _generate(self, batch: list[list[int]]) -> list[list[int]]:
         outputs = generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID, constraints=self._constraints(batch))

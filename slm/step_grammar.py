@@ -128,16 +128,36 @@ def bounded(schema, chars: int = 48, items: int = 3):
     return out
 
 
+def toolbench_numbers(schema):
+    """`schema` with "integer" read as any number, as ToolBench's declarations mean it: its NUMBER
+    parameters are declared "integer" (`slm.toolbench.schemas`), a longitude whose default is 8.79 among
+    them (ToolBench's ecoweather tool), and the synthetic tasks' values such as 127.9 kg."""
+    if isinstance(schema, list):
+        return [toolbench_numbers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: toolbench_numbers(value) if key in ("items", "anyOf", "oneOf", "allOf") else value
+           for key, value in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: toolbench_numbers(s) for name, s in schema["properties"].items()}
+    if schema.get("type") == "integer":
+        out["type"] = "number"
+    return out
+
+
 def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int | None = None,
-              value_chars: int | None = None) -> str:
+              value_chars: int | None = None, toolbench_types: bool = False) -> str:
     """The Lark grammar of one step for `functions` (ToolBench function dicts, Finish not among them);
-    `value_chars` bounds the arguments' values (`bounded`), None leaves them free."""
+    `value_chars` bounds the arguments' values (`bounded`), None leaves them free; `toolbench_types`
+    reads the schemas' types as ToolBench's declarations mean them (`toolbench_numbers`)."""
     if thought_chars is not None and not 0 <= thought_chars <= MAX_THOUGHT_CHARS:
         raise ValueError(f"thought_chars must be 0 to {MAX_THOUGHT_CHARS} (None: no bound), not {thought_chars}")
     whitespace = {"whitespace_pattern": f"(\n {{0,{JSON_INDENT}}})? ?"}
     calls = []
     for function in _allowed_functions(functions, tool_choice):
         schema = dict(function.get("parameters") or {"type": "object"})
+        if toolbench_types:
+            schema = toolbench_numbers(schema)
         if value_chars is not None:
             schema = bounded(schema, chars=value_chars)
         schema["x-guidance"] = whitespace
@@ -164,10 +184,12 @@ class StepGrammar:
         self.ll_tokenizer = llguidance.LLTokenizer(hf.to_str(), eos_token=EOS_ID)
 
     def matcher(self, functions: list[dict], tool_choice="auto", thought_chars: int | None = None,
-                value_chars: int | None = None) -> StepMatcher:
+                value_chars: int | None = None, toolbench_types: bool = False) -> StepMatcher:
         """A matcher for one step. A decoder that must end within N new tokens (any model, an untrained
-        one too) passes thought_chars=N // 4 (at most that many tokens) and value_chars (`bounded`)."""
-        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, value_chars))
+        one too) passes thought_chars=N // 4 (at most that many tokens) and value_chars (`bounded`);
+        functions from a ToolBench prompt pass toolbench_types (see `step_lark`)."""
+        return StepMatcher(self.ll_tokenizer, step_lark(functions, tool_choice, thought_chars, value_chars,
+                                                        toolbench_types))
 
 
 @functools.cache

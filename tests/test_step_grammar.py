@@ -228,3 +228,18 @@ def test_thought_is_free_unless_bounded(opt_tokenizer):
     with pytest.raises(ValueError, match="thought_chars"):
         grammar.matcher([WEATHER], "auto", thought_chars=step_grammar.MAX_THOUGHT_CHARS + 1)
     grammar.matcher([WEATHER], "auto", thought_chars=step_grammar.MAX_THOUGHT_CHARS)   # compiles
+
+
+def test_toolbench_integers_take_any_number(opt_tokenizer):
+    """ToolBench declares its NUMBER parameters "integer"; their values (a longitude, 127.9 kg) are any number."""
+    import evaluate
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    convert = {"name": "kilograms_to_pounds_for_units", "description": "", "parameters": {
+        "type": "object", "properties": {"value": {"type": "integer"}}, "required": ["value"]}}
+    step = '\nThought: x\nAction: kilograms_to_pounds_for_units\nAction Input: {"value": 127.9}'
+    assert not accepts(grammar, opt_tokenizer, [convert], step)   # an OpenAI tool's integer is an integer
+    decoder = evaluate.Decoder(None, opt_tokenizer, 1024, max_new_tokens=64, batch_size=1, constrained=True)
+    [matcher] = decoder._constraints([evaluate.GrammarPrompt([2], functions=[convert])])
+    for token in opt_tokenizer.encode(step, add_bos=False) + [slm.tokenizer.EOS_ID]:
+        matcher.advance(token)
+    assert matcher.done
