@@ -64,6 +64,7 @@ an absolute path and pool.json holding [{"api_key": "...", "api_base": "https://
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ class Decoder:
     new_tokens: int = 0
     calls: int = 0
     budget_redone: int = 0
+    grammar_failed: int = 0
 
     def prompt(self, history: list[dict]) -> list[int]:
         """Training's rendering and fitting of `history`, leaving room for one step (ValueError if it can't).
@@ -199,25 +201,32 @@ class Decoder:
 
     def _constraints(self, prompts: list[list[int]], budget: bool = False) -> list | None:
         """One matcher per GrammarPrompt (tool choice auto). Unbounded, the grammar forbids only malformed
-        steps; `budget` bounds the thought and each value to a quarter of the token limit in characters, so
+        steps; `budget` bounds the thought (one line) and each value to a quarter of the token limit in characters, so
         that the step ends within it (cutting what is longer, a long Finish answer say)."""
         if not self.constrained:
             return None
         grammar = step_grammar.for_tokenizer(self.tok)
-        bounds = {"thought_chars": self.max_new_tokens // 4, "value_chars": self.max_new_tokens // 4} if budget else {}
-        return [grammar.matcher(p.functions, toolbench_types=True, **bounds) if isinstance(p, GrammarPrompt) else None
-                for p in prompts]
+        # Under the budget, ToolBench's "integer" stays an integer: a number's fraction has no length bound.
+        bounds = {"thought_chars": self.max_new_tokens // 4, "value_chars": self.max_new_tokens // 4} if budget \
+            else {"toolbench_types": True}
+        return [grammar.matcher(p.functions, **bounds) if isinstance(p, GrammarPrompt) else None for p in prompts]
 
-    def _generate(self, batch: list[list[int]]) -> list[list[int]]:
-        outputs = generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID, constraints=self._constraints(batch))
-        if self.constrained:
+    def _generate(self, batch: list[list[int]], budget: bool = False) -> list[list[int]]:
+        matchers = self._constraints(batch, budget)
+        outputs = generate(self.model, batch, self.max_new_tokens, eos_id=EOS_ID, constraints=matchers)
+        if not self.constrained:
+            return outputs
+        for matcher in matchers:
+            if matcher is not None and matcher.failed:   # the row went on unconstrained
+                self.grammar_failed += 1
+                print(f"evaluate: the step grammar failed, the step was decoded unconstrained: "
+                      f"{matcher.error.splitlines()[0] if matcher.error else ''}", file=sys.stderr)
+        if not budget:
             # A constrained step that found no end within the limit is decoded again under the budget grammar:
-            # steps that fit are never cut, and every step ends.
+            # steps that fit are never cut.
             redo = [i for i, tokens in enumerate(outputs) if EOS_ID not in tokens and isinstance(batch[i], GrammarPrompt)]
             if redo:
-                again = [batch[i] for i in redo]
-                for i, tokens in zip(redo, generate(self.model, again, self.max_new_tokens, eos_id=EOS_ID,
-                                                    constraints=self._constraints(again, budget=True))):
+                for i, tokens in zip(redo, self._generate([batch[i] for i in redo], budget=True)):
                     outputs[i] = tokens
                 self.budget_redone += len(redo)
         return outputs
@@ -697,6 +706,7 @@ def main(argv=None) -> dict:
         "suite": args.suite,
         "decoding": "constrained (slm.step_grammar, tool choice auto)" if args.constrained else "unconstrained",
         "budget_redone": decoder.budget_redone,   # constrained steps without an end, decoded again under a budget
+        "grammar_failed": decoder.grammar_failed,   # constrained steps that llguidance gave up on (decoded free)
         "note": "offline_pass_rate is this evaluator's offline gate, not ToolBench's judged pass rate"
                 if args.suite == "stabletoolbench" else "",
         "model": str(args.model), "model_dir": str(model_dir), "tokenizer": str(args.tokenizer or model_dir),

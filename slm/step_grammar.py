@@ -7,8 +7,8 @@
     matcher.done                      # the step is complete (or the matcher stopped)
     step_grammar.mask_logits(logits, [matcher, None, ...])   # (B, vocab) rows at once; None rows untouched
 
-The step is what the model was trained to write after "Assistant: ": "\\nThought: " a thought (of at
-most `thought_chars` characters, if given), "\\nAction: " one allowed name,
+The step is what the model was trained to write after "Assistant: ": "\\nThought: " a thought (one line
+of at most `thought_chars` characters, if given), "\\nAction: " one allowed name,
 "\\nAction Input: " a JSON object valid for that name's parameters (llguidance's `%json{schema}`), then `</s>` (the tokenizer's EOS, allowed once the
 step is complete). JSON whitespace is not free: ToolBench's own steps write OpenAI's indented JSON
 (`{\\n  "city": "Paris"\\n}`) and some compact JSON, so whitespace between tokens is at most a newline and
@@ -60,7 +60,16 @@ class StepMatcher:
     @property
     def done(self) -> bool:
         """The step is complete: nothing but EOS may follow (llguidance stops a finished grammar)."""
-        return self._matcher.is_stopped() or self._matcher.is_error()
+        return self._matcher.is_stopped() and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        """llguidance gave up on this grammar (a lexer limit, say): from here the row decodes unconstrained."""
+        return self._matcher.is_error()
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error() or ""
 
     def allowed(self) -> torch.Tensor:
         """A (vocab,) bool tensor of the tokens the grammar allows next (only EOS once the step is done)."""
@@ -72,7 +81,7 @@ class StepMatcher:
 
     def advance(self, token_id: int) -> None:
         """Consume the chosen token; a token the mask forbade is a ValueError (the caller skipped the mask)."""
-        if self.done:
+        if self.done or self.failed:
             return
         if not self._matcher.consume_token(int(token_id)):
             raise ValueError(f"token {token_id} is not allowed by the step grammar: {self._matcher.get_error()}")
@@ -164,12 +173,12 @@ def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int | No
         calls.append(_lark_string(f"{function['name']}\nAction Input: ") + " %json" + json.dumps(schema))
     return "\n".join([
         'start: "\\nThought: " thought call',
-        # Lazy: the thought ends at the first "\nAction: ", which it includes. A bound is in characters: a
-        # token cap would end the lexeme anywhere, "\nAction: " unwritten. It costs: each position under a
-        # bound is a new lexer state, so a mask takes about 1 ms instead of 0.03 ms (OPT's vocabulary).
-        # Never "\nAction Input: " inside: the parser's arguments begin at the first one (slm.toolbench.parse_step).
-        "thought[lazy]: /(.|\\n)" + ("*" if thought_chars is None else f"{{0,{thought_chars}}}") + "\\nAction: /"
-        ' & ~/(.|\\n)*\\nAction Input: (.|\\n)*/',
+        # Lazy: the thought ends at the first "\nAction: ", which it includes, and never holds
+        # "\nAction Input: " (the parser reads the arguments from the first one). A bounded thought is one
+        # line of at most thought_chars characters: a token cap would end the lexeme anywhere, and the
+        # exclusion under a bound exceeds llguidance's lexer limits with vocabularies of long merges.
+        "thought[lazy]: /(.|\\n)*\\nAction: / & ~/(.|\\n)*\\nAction Input: (.|\\n)*/" if thought_chars is None
+        else f"thought[lazy]: /[^\\n]{{0,{thought_chars}}}\\nAction: /",
         "call: " + "\n    | ".join(calls),
     ]) + "\n"
 
@@ -214,7 +223,7 @@ def allowed(matchers: list[StepMatcher]) -> torch.Tensor:
     """(len(matchers), vocab) bool: the tokens each matcher allows next, the masks filled in parallel."""
     vocab = matchers[0]._vocab
     words = torch.zeros((len(matchers), (vocab + 31) // 32), dtype=torch.int32)
-    live = [(m._matcher, i) for i, m in enumerate(matchers) if not m.done]
+    live = [(m._matcher, i) for i, m in enumerate(matchers) if not (m.done or m.failed)]
     if live:
         # Writes row i of `words` for each (matcher, i) through its pointer: the tensor must stay contiguous.
         _executor().unsafe_compute_mask_ptr(live, words.data_ptr(), words.shape[1] * 4, len(matchers))
@@ -223,6 +232,8 @@ def allowed(matchers: list[StepMatcher]) -> torch.Tensor:
         if m.done:   # a finished grammar may only be followed by EOS
             rows[i] = False
             rows[i, EOS_ID] = True
+        elif m.failed:   # computing this mask may have been what failed: the row is free, not cut to EOS
+            rows[i] = True
     return rows
 
 

@@ -243,3 +243,29 @@ def test_toolbench_integers_take_any_number(opt_tokenizer):
     for token in opt_tokenizer.encode(step, add_bos=False) + [slm.tokenizer.EOS_ID]:
         matcher.advance(token)
     assert matcher.done
+
+
+def test_a_bounded_thought_is_one_line(opt_tokenizer):
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    call = '\nAction: get_weather_for_weather\nAction Input: {"city":"P"}'
+    for thought, ok in [("one line", True), ("two\nlines", False)]:
+        matcher = grammar.matcher([WEATHER], "auto", thought_chars=64)
+        try:
+            for token in opt_tokenizer.encode("\nThought: " + thought + call, add_bos=False) + [slm.tokenizer.EOS_ID]:
+                matcher.advance(token)
+            assert matcher.done == ok
+        except ValueError:
+            assert not ok
+    assert accepts(grammar, opt_tokenizer, [WEATHER], "\nThought: two\nlines" + call)   # unbounded: any lines
+
+
+def test_a_failed_grammar_leaves_its_row_free(opt_tokenizer):
+    """If llguidance gives up on a grammar (its lexer limits), the row decodes unconstrained, never cut to EOS."""
+    grammar = step_grammar.for_tokenizer(opt_tokenizer)
+    failed, fine = grammar.matcher([WEATHER], "required"), grammar.matcher([WEATHER], "required")
+    assert not failed._matcher.consume_token(opt_tokenizer.encode("Hello", add_bos=False)[0])   # drives it to error
+    assert failed.failed and not failed.done
+    failed.advance(5)   # a no-op now
+    rows = step_grammar.allowed([failed, fine])
+    assert rows[0].all()
+    assert 0 < rows[1].sum() < rows.shape[1]

@@ -91,8 +91,9 @@ class Worker:
         """The request's step grammar, its thought and values bounded so a step fits max_tokens (any model,
         an untrained one too); a schema llguidance cannot compile is a 400 naming its tool."""
         budget = settings["max_tokens"]
-        # Values get at least MIN_VALUE_CHARS: room for a name or a short answer even under a small budget
-        # (a step that then overruns max_tokens ends with finish_reason "length", never as a call).
+        # Bounded so that a step fits max_tokens: the thought (one line) and each value, the values to at least
+        # MIN_VALUE_CHARS, room for a name or a short answer even under a small budget (a step that then
+        # overruns max_tokens ends with finish_reason "length", never as a call).
         bounds = {"thought_chars": min(budget // 4, step_grammar.MAX_THOUGHT_CHARS),
                   "value_chars": max(MIN_VALUE_CHARS, budget // 4)}
         functions = [tool["function"] for tool in settings["tools"]]
@@ -126,6 +127,9 @@ class Worker:
     def _decode(self, batch: list[Job]):
         def on_token(i: int, token: int):
             job = batch[i]
+            if job.matcher.failed:   # llguidance gave up on this grammar: a 500 for this request alone
+                job.ended = True
+                return job.send("error", RuntimeError(f"step grammar failed: {job.matcher.error}"))
             job.tokens += 1
             if token == EOS_ID:   # the grammar allows </s> only once the step is complete
                 return self._end(job, complete=True)
