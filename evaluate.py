@@ -201,8 +201,8 @@ class Decoder:
 
     def _constraints(self, prompts: list[list[int]], budget: bool = False) -> list | None:
         """One matcher per GrammarPrompt (tool choice auto). Unbounded, the grammar forbids only malformed
-        steps; `budget` bounds the thought (one line) and each value to a quarter of the token limit in characters, so
-        that the step ends within it (cutting what is longer, a long Finish answer say)."""
+        steps; `budget` bounds the thought (one line) and each value to a quarter of the token limit in
+        characters, so that the step ends within it (cutting what is longer, a long Finish answer say)."""
         if not self.constrained:
             return None
         grammar = step_grammar.for_tokenizer(self.tok)
@@ -224,7 +224,8 @@ class Decoder:
         if not budget:
             # A constrained step that found no end within the limit is decoded again under the budget grammar:
             # steps that fit are never cut.
-            redo = [i for i, tokens in enumerate(outputs) if EOS_ID not in tokens and isinstance(batch[i], GrammarPrompt)]
+            redo = [i for i, tokens in enumerate(outputs)
+                    if EOS_ID not in tokens and isinstance(batch[i], GrammarPrompt)]
             if redo:
                 for i, tokens in zip(redo, self._generate([batch[i] for i in redo], budget=True)):
                     outputs[i] = tokens

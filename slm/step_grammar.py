@@ -8,11 +8,12 @@
     step_grammar.mask_logits(logits, [matcher, None, ...])   # (B, vocab) rows at once; None rows untouched
 
 The step is what the model was trained to write after "Assistant: ": "\\nThought: " a thought (one line
-of at most `thought_chars` characters, if given), "\\nAction: " one allowed name,
-"\\nAction Input: " a JSON object valid for that name's parameters (llguidance's `%json{schema}`), then `</s>` (the tokenizer's EOS, allowed once the
-step is complete). JSON whitespace is not free: ToolBench's own steps write OpenAI's indented JSON
-(`{\\n  "city": "Paris"\\n}`) and some compact JSON, so whitespace between tokens is at most a newline and
-`JSON_INDENT` spaces: both are accepted, and a model cannot pad forever.
+of at most `thought_chars` characters, if given), "\\nAction: " one allowed name, "\\nAction Input: " a
+JSON object valid for that name's parameters (llguidance's `%json{schema}`), then `</s>` (the
+tokenizer's EOS, allowed once the step is complete). JSON whitespace is not free: ToolBench's own
+steps write OpenAI's indented JSON (`{\\n  "city": "Paris"\\n}`) and some compact JSON, so whitespace
+between tokens is at most a newline and `JSON_INDENT` spaces: both are accepted, and a model cannot pad
+forever.
 
 Allowed names by `tool_choice`: "auto" = the functions + Finish, "required" = the functions, {"name": X}
 (or OpenAI's {"type": "function", "function": {"name": X}}) = X, "none" = Finish only. Finish follows

@@ -141,7 +141,8 @@ def test_works_with_a_trained_tokenizer_whose_merges_span_words(tmp_path):
     steps = [step.partition("\nAction Input: ")[0] for _, step in real_steps()][:40]
     tok = slm.train_tokenizer(steps * 3, 600, tmp_path, isolate=slm.tokenizer.NAMES)
     grammar = step_grammar.for_tokenizer(tok)
-    call = '\nThought: I will check the weather.\nAction: get_weather_for_weather\nAction Input: {\n  "city": "Paris"\n}'
+    call = ('\nThought: I will check the weather.\nAction: get_weather_for_weather'
+            '\nAction Input: {\n  "city": "Paris"\n}')
     assert accepts(grammar, tok, [WEATHER], call)
     assert not accepts(grammar, tok, [WEATHER], call.replace("get_weather_for_weather", "get_weather"))
 
@@ -214,12 +215,14 @@ def test_batched_mask_equals_each_rows_own_bitmask(opt_tokenizer):
 def test_for_tokenizer_takes_a_directory(tmp_path, opt_tokenizer):
     opt_tokenizer.save(tmp_path)
     grammar = step_grammar.for_tokenizer(str(tmp_path))
-    assert accepts(grammar, opt_tokenizer, [WEATHER], '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"P"}')
+    call = '\nThought: x\nAction: get_weather_for_weather\nAction Input: {"city":"P"}'
+    assert accepts(grammar, opt_tokenizer, [WEATHER], call)
 
 
 def test_thought_is_free_unless_bounded(opt_tokenizer):
     grammar = step_grammar.for_tokenizer(opt_tokenizer)
-    step = "\nThought: " + "I will check the weather first. " * 60 + '\nAction: get_weather_for_weather\nAction Input: {"city":"P"}'
+    step = ("\nThought: " + "I will check the weather first. " * 60
+            + '\nAction: get_weather_for_weather\nAction Input: {"city":"P"}')
     assert accepts(grammar, opt_tokenizer, [WEATHER], step)   # 1,900 characters
     bounded = grammar.matcher([WEATHER], "auto", thought_chars=500)
     with pytest.raises(ValueError):
