@@ -1,7 +1,7 @@
 """Supervised fine-tuning of OPT on ToolBench tool-calling trajectories: the paper's recipe in one loop.
 
     python train.py --data data/toolbench --out runs/paper            # the paper's recipe (preset paper)
-    python train.py --preset smoke --out runs/smoke                   # tiny, offline: 8 minutes on 2 CPU cores
+    python train.py --preset smoke --out runs/smoke                   # tiny, offline: 5-11 minutes on 2 CPU cores
     python train.py --data data/toolbench --out runs/paper --resume   # continue a killed run exactly
     torchrun --nproc_per_node=8 train.py --data data/toolbench --out runs/paper   # data-parallel
 
@@ -159,7 +159,7 @@ class TrainConfig:
 PRESETS = {
     "paper": TrainConfig(),
     # Needs no download: a tiny random OPT, a BPE tokenizer trained on the synthetic corpus, synthetic
-    # tasks prepared by data/prepare.py; about 8 minutes on 2 CPU cores. The loop is the paper's.
+    # tasks prepared by data/prepare.py; 5 to 11 minutes on 2 CPU cores. The loop is the paper's.
     "smoke": TrainConfig(preset="smoke", model=None, out="runs/smoke", batch_size=4, grad_accum=1,
                          max_len=512, epochs=1, lr=3e-3, warmup=50, grad_clip=1.0, lm_fraction=0.3,
                          optimizer="muon", eval_fraction=0.02, eval_every=200, log_every=20, save_every=200,

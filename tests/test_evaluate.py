@@ -65,6 +65,7 @@ class Script:
     def __init__(self, scripts: dict[str, list]):
         self.scripts = {query: list(texts) for query, texts in scripts.items()}
         self.batch_size = 4
+        self.seconds = self.new_tokens = self.calls = self.budget_redone = self.grammar_failed = 0   # reported
 
     def prompt(self, history):
         query = history[1]["value"].strip().removesuffix("Begin!").strip()

@@ -152,7 +152,6 @@ def suite_run(url, queries, tiny_model, tmp_path_factory):  # noqa: F811  (tiny_
     data = out / "G1_instruction.json"
     data.write_text(json.dumps(list(queries.values())))
     script = Script(scripted_runs(queries))
-    script.seconds = script.new_tokens = script.calls = 0   # the timings evaluate.main reports
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate, "Decoder", lambda *args, **kwargs: script)
         results = evaluate.main(["--model", str(tiny_model), "--suite", "stabletoolbench", "--data", str(data),
