@@ -350,9 +350,13 @@ def test_client_mistakes_are_4xx_and_the_server_still_answers(client, kwargs, st
 
 
 def test_accepted_fields_at_their_neutral_values(client):
-    ask(client, n=1, logprobs=False, presence_penalty=0, frequency_penalty=0, user="u", temperature=0,
-                 response_format={"type": "text"}, parallel_tool_calls=True, tools=[WEATHER],
-                 messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *MESSAGES])
+    """Fields at their neutral values, and text given as content parts, change nothing in the answer."""
+    plain = ask(client, temperature=0, tools=[WEATHER],
+                messages=[{"role": "developer", "content": "Be brief."}, *MESSAGES])
+    neutral = ask(client, n=1, logprobs=False, presence_penalty=0, frequency_penalty=0, user="u", temperature=0,
+                  response_format={"type": "text"}, parallel_tool_calls=True, tools=[WEATHER],
+                  messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *MESSAGES])
+    assert essentials(neutral) == essentials(plain)
 
 
 def test_auth_body_routes_and_health(server, client):
