@@ -30,7 +30,6 @@ from .toolbench import FINISH
 FINISH_NO_RETURN_TYPE = '{error:"must have "return_type""}'
 FINISH_NO_ANSWER = '{error:"must have "final_answer""}'
 FINISH_BAD_RETURN_TYPE = '{error:""return_type" is not a valid choice"}'
-_ACTION_INPUT = "\nAction Input: "   # toolbench.parse_step's separator
 
 
 @dataclass
@@ -80,7 +79,7 @@ def take_step(episode: Episode, text: str, stopped: bool, max_steps: int) -> Non
         step["status"] = "finish" if observation is None else "finish_error"
     else:
         # A tool server receives the arguments as written (its cache is keyed on them), not as parsed.
-        written = text.partition(_ACTION_INPUT)[2].strip()
+        written = text.partition(toolbench.ACTION_INPUT)[2].strip()
         result = episode.env.call(parsed.action, parsed.action_input, written)
         step["status"], step["outcome"], observation = result.status, result.outcome, result.observation
         if result.status != "undeclared":

@@ -26,9 +26,9 @@ import json
 import re
 import uuid
 
+from ..toolbench.parse import ACTION, ACTION_INPUT as INPUT, THOUGHT
 from ..toolbench.schemas import FINISH
 
-THOUGHT, ACTION, INPUT = "\nThought: ", "\nAction: ", "\nAction Input: "
 ARGUMENT_FRAGMENT_CHARS = 16
 _ANSWER_KEY = re.compile(r'"final_answer"\s*:\s*"')
 _MAX_ESCAPE_CHARS = 12   # the longest JSON escape a prefix can cut: a surrogate pair, \uXXXX\uXXXX

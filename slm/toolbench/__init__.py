@@ -29,7 +29,7 @@ from .encode import (Example, SegmentEncoder, encoder_for, fit_prompt, prompt_id
                      tokenize_chain)
 from .levels import LEVELS, Level, compact_system, message_text
 from .json_array import JsonArrayReader, Malformed
-from .parse import ParseError, Step, assistant_value, parse_step
+from .parse import ACTION, ACTION_INPUT, THOUGHT, ParseError, Step, assistant_value, parse_step
 from .readers import (BadRow, check_row, detect_format, dfs_rows, query_of, read_queries, read_rows,
                       tooleval_rows)
 from .schemas import (FINISH, FINISH_FUNCTION, STABLETOOLBENCH_FINISH_FUNCTION, change_name, function_from_api,
@@ -42,7 +42,8 @@ from .template import (API_LIST_HEADER, EOS_TEXT, ROLES, add_functions_to_system
 __all__ = [
     "Chain", "chains", "Example", "SegmentEncoder", "encoder_for", "prompt_ids", "render_ids", "tokenize",
     "tokenize_chain", "LEVELS", "Level", "compact_system", "fit_prompt", "message_text", "JsonArrayReader",
-    "Malformed", "ParseError", "Step", "assistant_value", "parse_step", "BadRow", "check_row", "detect_format",
+    "Malformed", "ACTION", "ACTION_INPUT", "THOUGHT", "ParseError", "Step", "assistant_value", "parse_step",
+    "BadRow", "check_row", "detect_format",
     "dfs_rows", "query_of", "read_queries", "read_rows", "tooleval_rows", "FINISH", "FINISH_FUNCTION",
     "STABLETOOLBENCH_FINISH_FUNCTION", "change_name", "function_from_api", "functions_from_api_list",
     "standardize", "main", "show", "API_LIST_HEADER", "EOS_TEXT", "ROLES", "add_functions_to_system",

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from .template import EOS_TEXT
 
+# The step's separators; the arguments begin after the first ACTION_INPUT.
+THOUGHT, ACTION, ACTION_INPUT = "\nThought: ", "\nAction: ", "\nAction Input: "
+
 
 class ParseError(ValueError):
     """A generated assistant step that does not follow "Thought: / Action: / Action Input:"."""
@@ -25,7 +28,7 @@ class Step:
 
 def assistant_value(thought: str, action: str, action_input: str) -> str:
     """An assistant turn's value as ToolBench writes it (the arguments stay the raw JSON string)."""
-    return f"\nThought: {thought}\nAction: {action}\nAction Input: {action_input}"
+    return f"{THOUGHT}{thought}{ACTION}{action}{ACTION_INPUT}{action_input}"
 
 
 def parse_step(text: str) -> Step:
@@ -38,9 +41,9 @@ def parse_step(text: str) -> Step:
     text = text.removesuffix(EOS_TEXT)
     if "Action: " not in text:
         raise ParseError(f"no 'Action: ' in the step {text[:200]!r}")
-    if "\nAction Input: " not in text:
+    if ACTION_INPUT not in text:
         raise ParseError(f"no '\\nAction Input: ' in the step {text[:200]!r}")
-    head, _, raw_input = text.partition("\nAction Input: ")
+    head, _, raw_input = text.partition(ACTION_INPUT)
     thought_part, sep, action = head.rpartition("Action: ")
     thought = thought_part.partition("Thought: ")[2].removesuffix("\n")
     action = action.strip()
