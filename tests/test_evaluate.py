@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import slm
-from slm import react, toolbench
+from slm import react, step_grammar, toolbench
 from slm.generate import generate
 from slm.react import Episode, run_episodes
 from slm.tool_env import MAX_OBSERVATION_CHARS, ToolEnv, recorded_env
@@ -434,3 +434,23 @@ def test_untrained_model_constrained_parses_every_step(tiny_model, tmp_path):
     assert records and not [r["outcome"] for r in records if r["outcome"] in ("malformed_step", "runaway")]
     assert results["overall"]["format_valid_rate"] == 1.0
     assert results["overall"]["hallucinated_function_rate"] == 0.0
+
+
+def test_a_grammar_llguidance_gives_up_on_is_counted_and_decodes_free(tiny_model, monkeypatch, capsys):
+    """A matcher in llguidance's error state (its lexer limits, say) leaves its row free, and the results count it."""
+    model = slm.load_model(tiny_model)
+    tok = slm.load_tokenizer(tiny_model)
+    grammar = step_grammar.for_tokenizer(tok)
+    make = type(grammar).matcher
+
+    def failing(self, *args, **kwargs):
+        matcher = make(self, *args, **kwargs)
+        matcher._matcher.consume_token(tok.encode("Hello", add_bos=False)[0])   # not "\nThought: ": an error
+        return matcher
+
+    monkeypatch.setattr(type(grammar), "matcher", failing)
+    decoder = evaluate.Decoder(model, tok, max_len=64, max_new_tokens=6, batch_size=2, constrained=True)
+    prompts = [evaluate.GrammarPrompt(tok.encode(t), functions=[]) for t in ["a b c", "x y"]]
+    assert decoder(prompts) == [generate(model, [p], 6)[0] for p in prompts]   # as if unconstrained
+    assert decoder.grammar_failed == len(prompts) + decoder.budget_redone   # each decoding of each row
+    assert "the step grammar failed" in capsys.readouterr().err
