@@ -108,6 +108,21 @@ def _allowed_functions(functions: list[dict], tool_choice) -> list[dict]:
     raise ValueError(f'tool_choice must be "auto", "required", "none" or {{"name": X}}, not {tool_choice!r}')
 
 
+def _rewrite(schema, edit):
+    """A copy of `schema` in which every sub-schema (items, anyOf/oneOf/allOf members, properties) is
+    rewritten first, then `edit(original, copy)` changes the copy of each schema object."""
+    if isinstance(schema, list):
+        return [_rewrite(s, edit) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _rewrite(value, edit) if key in ("items", "anyOf", "oneOf", "allOf") else value
+           for key, value in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {name: _rewrite(s, edit) for name, s in schema["properties"].items()}
+    edit(schema, out)
+    return out
+
+
 def bounded(schema, chars: int = 48, items: int = 3):
     """`schema` with every value of bounded size, for decoding that must end within a token budget.
 
@@ -115,44 +130,32 @@ def bounded(schema, chars: int = 48, items: int = 3):
     beyond their properties (tighter limits already there are kept). Real ToolBench arguments can be
     longer (a Finish answer), so this is for a budget, not the default.
     """
-    if isinstance(schema, list):
-        return [bounded(s, chars, items) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: bounded(value, chars, items) if key in ("items", "anyOf", "oneOf", "allOf") else value
-           for key, value in schema.items()}
-    if "properties" in schema:
-        out["properties"] = {name: bounded(s, chars, items) for name, s in schema["properties"].items()}
-    kind = schema.get("type")
-    if "enum" in schema or "const" in schema:
-        pass   # already finite; a length bound could forbid a listed value (Finish's "give_up_and_restart")
-    elif kind == "string":
-        out["maxLength"] = min(schema.get("maxLength", chars), chars)
-    elif kind == "array":
-        out["maxItems"] = min(schema.get("maxItems", items), items)
-    elif kind in ("integer", "number"):
-        out["minimum"] = max(schema.get("minimum", -10**9), -10**9)
-        out["maximum"] = min(schema.get("maximum", 10**9), 10**9)
-    elif kind == "object":
-        out.setdefault("additionalProperties", False)
-    return out
+    def bound(schema, out):
+        kind = schema.get("type")
+        if "enum" in schema or "const" in schema:
+            pass   # already finite; a length bound could forbid a listed value (Finish's "give_up_and_restart")
+        elif kind == "string":
+            out["maxLength"] = min(schema.get("maxLength", chars), chars)
+        elif kind == "array":
+            out["maxItems"] = min(schema.get("maxItems", items), items)
+        elif kind in ("integer", "number"):
+            out["minimum"] = max(schema.get("minimum", -10**9), -10**9)
+            out["maximum"] = min(schema.get("maximum", 10**9), 10**9)
+        elif kind == "object":
+            out.setdefault("additionalProperties", False)
+
+    return _rewrite(schema, bound)
 
 
 def toolbench_numbers(schema):
     """`schema` with "integer" read as any number, as ToolBench's declarations mean it: its NUMBER
     parameters are declared "integer" (`slm.toolbench.schemas`), a longitude whose default is 8.79 among
     them (ToolBench's ecoweather tool), and the synthetic tasks' values such as 127.9 kg."""
-    if isinstance(schema, list):
-        return [toolbench_numbers(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {key: toolbench_numbers(value) if key in ("items", "anyOf", "oneOf", "allOf") else value
-           for key, value in schema.items()}
-    if "properties" in schema:
-        out["properties"] = {name: toolbench_numbers(s) for name, s in schema["properties"].items()}
-    if schema.get("type") == "integer":
-        out["type"] = "number"
-    return out
+    def number(schema, out):
+        if schema.get("type") == "integer":
+            out["type"] = "number"
+
+    return _rewrite(schema, number)
 
 
 def step_lark(functions: list[dict], tool_choice="auto", thought_chars: int | None = None,
