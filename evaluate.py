@@ -118,9 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fitted to leave this many positions free")
     parser.add_argument("--constrained", action="store_true",
                         help="decode every step under slm.step_grammar (tool choice auto: a declared function "
-                             "or Finish, schema-valid arguments; a step with no end within --max-new-tokens is decoded "
-                             "again with its thought and values bounded to a quarter of that in characters); "
-                             "results.json's 'decoding' and 'budget_redone' record it")
+                             "or Finish, schema-valid arguments; a step with no end within --max-new-tokens is "
+                             "decoded again, its thought one line and its values bounded to a quarter of that in "
+                             "characters); results.json's 'decoding', 'budget_redone' and 'grammar_failed' record it")
     parser.add_argument("--max-steps", type=int, default=10,
                         help="assistant steps (tool calls, Finish included) per episode (default 10, as ToolEval)")
     parser.add_argument("--max-len", type=int, default=None,
